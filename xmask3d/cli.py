@@ -1,0 +1,149 @@
+"""The `xmask3d` command line: one sub-command per flow/stage (see ARCHITECTURE.md, CLI contract).
+
+Heavy libraries are imported inside the commands so `xmask3d --help` stays fast.
+Bad input raises ``storage.errors.InputError`` and exits with code 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from storage.errors import InputError
+
+app = typer.Typer(help="XMask3D pipeline: synthetic data, download, preprocess, train, evaluate.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+synth_app = typer.Typer(help="Write small synthetic datasets in the real raw formats.", no_args_is_help=True)
+download_app = typer.Typer(help="Download raw datasets (resumable).", no_args_is_help=True)
+preprocess_app = typer.Typer(help="Raw data -> chunked Zarr v3 store.", no_args_is_help=True)
+app.add_typer(synth_app, name="synth")
+app.add_typer(download_app, name="download")
+app.add_typer(preprocess_app, name="preprocess")
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit with code 2 (bad input)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn InputError into exit code 2 with its one-line message."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except InputError as error:
+            fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+    return wrapper
+
+
+def not_implemented(what: str) -> None:
+    fail(f"`xmask3d {what}` is not implemented yet")
+
+
+@synth_app.command("scannet")
+@user_errors
+def synth_scannet(
+    out_dir: Path,
+    scenes: Annotated[int, typer.Option(help="number of scenes")] = 3,
+    small: Annotated[bool, typer.Option("--small", help="320x240 color / 160x120 depth")] = False,
+    seed: int = 0,
+) -> None:
+    """Write synthetic scenes in the raw ScanNet v2 layout."""
+    not_implemented("synth scannet")
+
+
+@synth_app.command("s3dis")
+@user_errors
+def synth_s3dis(out_dir: Path, rooms: int = 2, seed: int = 0) -> None:
+    """Write synthetic rooms in the raw Stanford3dDataset_v1.2 layout."""
+    not_implemented("synth s3dis")
+
+
+@download_app.command("scannet")
+@user_errors
+def download_scannet(
+    out: Annotated[Path, typer.Option(help="raw data directory")],
+    url: Annotated[str | None, typer.Option(envvar="XMASK3D_SCANNET_URL", help="your ScanNet URL")] = None,
+    mirror: Annotated[Path | None, typer.Option(help="local mirror directory")] = None,
+    scenes: Annotated[str | None, typer.Option(help="comma-separated scene ids")] = None,
+    split: Annotated[str | None, typer.Option(help="train or val")] = None,
+) -> None:
+    """Download the official ScanNet v2 per-scene files."""
+    not_implemented("download scannet")
+
+
+@preprocess_app.command("scannet")
+@user_errors
+def preprocess_scannet(
+    raw: Annotated[Path, typer.Option(help="raw ScanNet directory (with scans/)")],
+    out: Annotated[Path, typer.Option(help="output store, e.g. data/scannet.zarr")],
+    frame_step: int = 20,
+    captions: Annotated[str | None, typer.Option(help="caption JSON, or 'none'")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler")] = None,
+    workers: Annotated[int | None, typer.Option(help="local Dask worker processes")] = None,
+    overwrite: bool = False,
+) -> None:
+    """Decode, project, caption-embed and store ScanNet scenes."""
+    not_implemented("preprocess scannet")
+
+
+@preprocess_app.command("s3dis")
+@user_errors
+def preprocess_s3dis(
+    raw: Annotated[Path, typer.Option(help="raw S3DIS directory")],
+    out: Annotated[Path, typer.Option(help="output store")],
+    workers: Annotated[int | None, typer.Option(help="local Dask worker processes")] = None,
+    overwrite: bool = False,
+) -> None:
+    """Store S3DIS rooms."""
+    not_implemented("preprocess s3dis")
+
+
+@app.command()
+@user_errors
+def train(
+    store: Annotated[Path, typer.Option(help="preprocessed store")],
+    benchmark: Annotated[str, typer.Option(help="e.g. scannet20-b15n4")],
+    preset: Annotated[str, typer.Option(help="tiny|small|paper")] = "tiny",
+    resume: Annotated[str | None, typer.Option(help="run id or checkpoint to resume")] = None,
+) -> None:
+    """Train XMask3D on one benchmark, tracked in MLflow."""
+    not_implemented("train")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    store: Annotated[Path, typer.Option(help="preprocessed store")],
+    benchmark: Annotated[str, typer.Option(help="e.g. scannet20-b15n4")],
+    model: Annotated[str, typer.Option(help="models:/xmask3d-NAME@champion, a run id or a checkpoint")],
+) -> None:
+    """Evaluate a model: mIoU base / novel / hIoU for the 3D, 2D and fused heads."""
+    not_implemented("evaluate")
+
+
+@app.command("model-summary")
+@user_errors
+def model_summary(preset: Annotated[str, typer.Option(help="tiny|small|paper")] = "tiny") -> None:
+    """Print parameter counts per component of a preset."""
+    not_implemented("model-summary")
+
+
+@app.command()
+@user_errors
+def demo(out: Annotated[Path, typer.Option(help="demo output directory")] = Path("demo_output")) -> None:
+    """Synthetic data -> preprocess -> train (tiny) -> evaluate, on CPU."""
+    not_implemented("demo")
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    sys.exit(app())
