@@ -72,13 +72,18 @@ def synth_s3dis(out_dir: Path, rooms: int = 2, seed: int = 0) -> None:
 @user_errors
 def download_scannet(
     out: Annotated[Path, typer.Option(help="raw data directory")],
-    url: Annotated[str | None, typer.Option(envvar="XMASK3D_SCANNET_URL", help="your ScanNet URL")] = None,
+    url: Annotated[str | None, typer.Option(help="your ScanNet URL (default: $XMASK3D_SCANNET_URL)")] = None,
     mirror: Annotated[Path | None, typer.Option(help="local mirror directory")] = None,
     scenes: Annotated[str | None, typer.Option(help="comma-separated scene ids")] = None,
     split: Annotated[str | None, typer.Option(help="train or val")] = None,
+    workers: Annotated[int, typer.Option(help="parallel downloads")] = 4,
 ) -> None:
     """Download the official ScanNet v2 per-scene files."""
-    not_implemented("download scannet")
+    from preprocessing.scannet.download import download_scannet as download
+
+    ids = [s.strip() for s in scenes.split(",") if s.strip()] if scenes else None
+    paths = download(out, url=url, mirror=mirror, scenes=ids, split=split, workers=workers)
+    typer.echo(f"{len(paths)} files under {out}")
 
 
 @preprocess_app.command("scannet")
