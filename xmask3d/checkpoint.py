@@ -1,0 +1,96 @@
+"""Training checkpoints: one file with everything needed to continue bit-for-bit on CPU.
+
+Format (`torch.save` of a dict, loadable with ``weights_only=True``):
+``format`` (= FORMAT), ``model`` / ``optimizer`` / ``scheduler`` state dicts, ``step`` (optimizer
+steps done), ``epoch`` (epoch the next step belongs to), ``rng`` (python, numpy, torch CPU and,
+when present, CUDA generator states), ``train_config`` (the TrainConfig as a dict), ``preset``,
+``benchmark``, ``text_encoder`` ({name, dim}) and ``extra`` (free-form plain data).
+
+Files are written to a temporary name in the same directory, flushed, then renamed, so a crash
+while saving never leaves a truncated checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from storage.errors import InputError
+
+FORMAT = "xmask3d-checkpoint-v1"
+LAST_NAME = "last.pt"
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The state of every random generator training touches, as plain data and tensors."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` (plus the format tag) atomically to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; InputError if it is not one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LAST_NAME
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint file not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt/foreign files
+        raise InputError(f"{path}: not a readable checkpoint ({type(error).__name__})") from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(f"{path}: not an xmask3d checkpoint (expected format {FORMAT})")
+    return payload
+
+
+def check_compatible(payload: dict[str, Any], path: Path, *, preset: str, benchmark: str) -> None:
+    """Refuse to resume/evaluate a checkpoint made for another preset or benchmark."""
+    if payload.get("preset") != preset:
+        raise InputError(f"{path}: checkpoint is for preset {payload.get('preset')!r}, not {preset!r}")
+    if payload.get("benchmark") != benchmark:
+        raise InputError(f"{path}: checkpoint is for benchmark {payload.get('benchmark')!r}, "
+                         f"not {benchmark!r}")

@@ -1,0 +1,267 @@
+"""MLflow tracking: experiments, params, metrics, artifacts, model registration and aliases.
+
+- Tracking URI: the argument, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns.db``. With a
+  local SQLite backend the artifacts go to ``mlartifacts/`` beside the database file
+  (``./mlartifacts`` for the default); with a tracking server the server decides.
+- One experiment per benchmark (``xmask3d-<benchmark>``), one run per training; evaluation
+  metrics go into the same run.
+- The model is registered as ``xmask3d-<benchmark>`` with an ``mlflow.pyfunc`` flavor
+  (:class:`XMask3DPyfunc`) that loads the checkpoint and predicts on a stored scene. Every new
+  version gets the alias ``candidate``; ``champion`` moves only when hIoU beats the current
+  champion's (:func:`promote_if_better`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+import mlflow.pyfunc
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+
+from storage.errors import InputError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+HIOU_TAG = "hiou"
+MAX_PARAM_VALUE = 6000
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The URI to use: argument > MLFLOW_TRACKING_URI > sqlite:///mlruns.db."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def experiment_name(benchmark: str) -> str:
+    return f"xmask3d-{benchmark}"
+
+
+def registered_model_name(benchmark: str) -> str:
+    return f"xmask3d-{benchmark}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def artifact_root_for(uri: str) -> str | None:
+    """Artifact root for a local SQLite backend (``mlartifacts`` beside the database), else None."""
+    db = _sqlite_path(uri)
+    if db is None:
+        return None
+    return (db.resolve().parent / "mlartifacts").as_uri()
+
+
+def check_tracking_available(uri: str, timeout: float = 5.0) -> None:
+    """Fail early (InputError) when the tracking backend cannot be used, before any training."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310 - user URI
+                if response.status != 200:
+                    raise InputError(f"MLflow tracking server {uri}: /health answered {response.status}")
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise InputError(f"MLflow tracking server {uri} is not reachable ({reason}); start it or set "
+                             "MLFLOW_TRACKING_URI") from error
+        return
+    db = _sqlite_path(uri)
+    if db is not None:
+        parent = db.resolve().parent
+        if not parent.is_dir():
+            raise InputError(f"{uri}: directory {parent} for the MLflow database does not exist")
+        if not os.access(parent, os.W_OK):
+            raise InputError(f"{uri}: directory {parent} for the MLflow database is not writable")
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts -> dotted keys; values as strings (MLflow params are strings)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+            flat[name] = text[:MAX_PARAM_VALUE]
+    return flat
+
+
+class RunTracker:
+    """One MLflow run (new or resumed) written through an explicit client, not global state."""
+
+    def __init__(self, tracking_uri: str | None, benchmark: str, run_id: str | None = None,
+                 run_name: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        check_tracking_available(self.tracking_uri)
+        self.benchmark = benchmark
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        self.experiment_id = ensure_experiment(self.client, experiment_name(benchmark), self.tracking_uri)
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+            self.run_id = run.info.run_id
+        else:
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException as error:
+                raise InputError(f"MLflow run {run_id} not found at {self.tracking_uri}") from error
+            self.run_id = run.info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+
+    @property
+    def artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log (nested) params; keys already logged with the same value are skipped (resume)."""
+        existing = self.client.get_run(self.run_id).data.params
+        flat = {k: v for k, v in flatten_params(params).items() if existing.get(k) != v}
+        items = [Param(k, v) for k, v in flat.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """Get or create the experiment; with SQLite, artifacts live under mlartifacts/."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    root = artifact_root_for(tracking_uri)
+    location = f"{root}/{name}" if root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created concurrently
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def download_run_checkpoint(tracking_uri: str | None, run_id: str, dst: Path) -> Path:
+    """The `checkpoints/last.pt` artifact of a run, downloaded into `dst`."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    try:
+        local = client.download_artifacts(run_id, "checkpoints/last.pt", str(dst))
+    except (MlflowException, OSError) as error:
+        raise InputError(f"MLflow run {run_id}: no checkpoints/last.pt artifact ({error})") from error
+    return Path(local)
+
+
+class XMask3DPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc flavor: loads the logged checkpoint, predicts per-point labels of stored scenes.
+
+    Input: a DataFrame (or dict / list of dicts) with columns ``store_path`` and ``scene_id``
+    (optionally ``benchmark``, default: the one the model was trained on). Output: a DataFrame
+    with one row per point: ``scene_id``, ``point_index``, ``label``, ``class_name``.
+    """
+
+    def load_context(self, context: Any) -> None:
+        from xmask3d.evaluate import load_model_for_inference
+
+        self.loaded = load_model_for_inference(Path(context.artifacts["checkpoint"]))
+
+    def predict(self, context, model_input, params=None):  # no hints: MLflow would validate inputs by them
+        import pandas as pd
+
+        from xmask3d.evaluate import predict_scene
+
+        if isinstance(model_input, Mapping):
+            model_input = pd.DataFrame({k: v if isinstance(v, list) else [v] for k, v in model_input.items()})
+        elif isinstance(model_input, list):
+            model_input = pd.DataFrame(model_input)
+        frames = []
+        for row in model_input.to_dict("records"):
+            benchmark = row.get("benchmark") or self.loaded.benchmark
+            result = predict_scene(self.loaded, Path(row["store_path"]), str(row["scene_id"]), benchmark)
+            frames.append(pd.DataFrame({
+                "scene_id": row["scene_id"],
+                "point_index": range(len(result.labels)),
+                "label": result.labels,
+                "class_name": [result.class_names[i] for i in result.labels],
+            }))
+        return pd.concat(frames, ignore_index=True)
+
+
+def register_model(tracking_uri: str | None, run_id: str, benchmark: str, checkpoint: Path,
+                   hiou: float | None = None) -> str:
+    """Log the pyfunc model in the run, register a new version, alias it `candidate`.
+
+    Returns the version number as a string. `hiou` is stored as a version tag so
+    :func:`promote_if_better` can compare against it later.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    name = registered_model_name(benchmark)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=XMask3DPyfunc(), artifacts={"checkpoint": str(checkpoint)},
+            registered_model_name=name,
+            pip_requirements=["torch", "numpy", "pandas", "scipy", "zarr", "mlflow", "xmask3d-pipeline"],
+        )
+    version = str(info.registered_model_version)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if hiou is not None:
+        client.set_model_version_tag(name, version, HIOU_TAG, str(float(hiou)))
+    client.set_model_version_tag(name, version, "run_id", run_id)
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    return version
+
+
+def promote_if_better(tracking_uri: str | None, benchmark: str, version: str, hiou: float) -> bool:
+    """Move `champion` to `version` if its hIoU beats the current champion's; True if moved."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = registered_model_name(benchmark)
+    client.set_model_version_tag(name, str(version), HIOU_TAG, str(float(hiou)))
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    if champion is not None:
+        current = float(champion.tags.get(HIOU_TAG, "nan"))
+        if str(champion.version) == str(version):
+            return False
+        if math.isnan(hiou) or (not math.isnan(current) and hiou <= current):
+            return False
+    elif math.isnan(hiou):
+        return False
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    return True
