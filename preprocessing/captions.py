@@ -1,0 +1,65 @@
+"""View captions: read a PLA-format JSON ``{scene_id: {frame_index: text}}`` and embed the texts.
+
+Frames without a caption get an empty text and a zero embedding and are listed by the caller in
+the scene attrs (``frames_without_caption``); no caption is ever invented.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from storage.errors import InputError
+from xmask3d.text import TextEncoder
+
+
+def load_captions(path: Path) -> dict[str, dict[int, str]]:
+    """scene -> frame index -> caption; InputError on a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: caption file not found (pass --captions PATH, or --captions none)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: not a valid caption JSON ({error})") from error
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected an object {{scene_id: {{frame: text}}}}")
+    out: dict[str, dict[int, str]] = {}
+    for scene, frames in raw.items():
+        if not isinstance(frames, dict):
+            raise InputError(f"{path}: scene {scene!r} must map frame indices to captions")
+        scene_caps: dict[int, str] = {}
+        for frame, text in frames.items():
+            try:
+                index = int(frame)
+            except ValueError as error:
+                raise InputError(f"{path}: scene {scene!r}: frame key {frame!r} is not an integer") from error
+            if not isinstance(text, str):
+                raise InputError(f"{path}: scene {scene!r} frame {frame}: caption is not a string")
+            scene_caps[index] = text
+        out[str(scene)] = scene_caps
+    return out
+
+
+def scene_captions(captions: dict[str, dict[int, str]], scene_id: str, frame_indices: list[int],
+                   source: Path | str = "captions") -> tuple[list[str], list[int]]:
+    """Caption text per kept frame ('' when missing) and the frame indices without one."""
+    if scene_id not in captions:
+        raise InputError(f"{source}: no captions for scene {scene_id} (use --captions none to run without)")
+    caps = captions[scene_id]
+    texts = [caps.get(int(i), "") for i in frame_indices]
+    missing = [int(i) for i, t in zip(frame_indices, texts, strict=True) if not t.strip()]
+    return texts, missing
+
+
+def embed_captions(texts: list[str], encoder: TextEncoder, batch_size: int = 64) -> np.ndarray:
+    """float16 [K, D] embeddings; empty texts get a zero row (not embedded)."""
+    out = np.zeros((len(texts), encoder.dim), np.float16)
+    keep = [i for i, t in enumerate(texts) if t.strip()]
+    for lo in range(0, len(keep), batch_size):
+        idx = keep[lo:lo + batch_size]
+        emb = encoder.encode([texts[i] for i in idx])
+        out[idx] = emb.numpy().astype(np.float16)
+    return out
