@@ -1,0 +1,456 @@
+"""XMask3D training losses with the official weights (XMASK3D_SPEC.md §4-§5).
+
+``compute_losses(outputs, batch, cfg, epoch)`` returns every term unweighted under its official
+name plus ``total`` = Σ weight·term (``loss_weights(cfg, ...)`` gives the weights):
+
+- Mask2Former set criterion on the 2D branch: ``loss_ce`` (eos_coef on the null class),
+  ``loss_mask`` (BCE) and ``loss_dice`` on importance-sampled points, Hungarian matching, and the
+  same three on every aux prediction (``loss_ce_0`` ...);
+- ``loss_3d`` / ``loss_3d_pure``: CE over s·cos(feature, [base text; null]) on base labels;
+- caption alignment ``loss_explicit_contra`` (fused), ``_3d`` (pure 3D), ``_2d_pre`` (2D, covered
+  points only): 1 − cos(mean feature of the view's points, caption embedding);
+- ``loss_binary``: BCE-with-logits (pos_weight) of the base-vs-novel head;
+- ``loss_3d_contra``: mask-level regularisation of pure-3D features towards stop-grad MaskCLIP
+  embeddings, from ``contra_start_epoch`` on.
+
+2D ground truth: the store keeps per-point labels and their pixels but no label images, so the
+GT masks are built by splatting the base labels of the view's points into a label image at the
+mask resolution (``build_2d_targets``); see docs/model.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from xmask3d.matcher import HungarianMatcher, point_sample
+
+IGNORE = 255
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and switches. Defaults = the official ScanNet20 B15N4 recipe (``paper``)."""
+
+    # Mask2Former set criterion
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    eos_coef: float = 0.1
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    deep_supervision: bool = True
+    # Q6: unlabelled/novel/ignored pixels form one GT segment of the null class (paper True).
+    null_segment: bool = True
+    # Splatted GT: empty pixels take the smallest label within this many pixels (our deviation).
+    gt_fill_radius: int = 2
+    # 3D CE on base labels
+    loss_3d_weight: float = 4.0
+    loss_3d_pure_weight: float = 4.0
+    # Q11: the null column in the 3D CE (paper True) and the fake label when all are ignored.
+    ce_null_column: bool = True
+    ce_all_ignore_fallback: bool = True
+    # caption alignment
+    caption_fused_weight: float = 1.5
+    caption_3d_weight: float = 1.0
+    caption_2d_weight: float = 4.0
+    # binary head (per benchmark)
+    binary_weight: float = 16.0
+    binary_pos_weight: float = 0.267
+    # mask-level regularisation (per benchmark)
+    contra_weight: float = 0.5
+    contra_start_epoch: int = 50
+    # Q5: "labels" selects masks with GT binary labels (paper); "scores" with the binary head.
+    mask_selection: Literal["labels", "scores"] = "labels"
+    contra_min_points: int = 10
+    contra_top_novel: int = 4
+    contra_top_base: int = 1
+    contra_novel_ratio: float = 1.8
+    contra_novel_min: int = 10
+    contra_base_ratio: float = 20.0
+    contra_base_min: int = 150
+
+    def __post_init__(self) -> None:
+        if self.mask_selection not in ("labels", "scores"):
+            raise ValueError(
+                f"LossConfig.mask_selection must be 'labels' or 'scores', got {self.mask_selection!r}"
+            )
+
+    def with_benchmark(self, benchmark: Any) -> LossConfig:
+        """The per-benchmark recipe (binary weight / pos_weight, contra weight / start epoch) applied.
+
+        ``benchmark`` is a ``preprocessing.benchmarks.Benchmark`` or its name.
+        """
+        if isinstance(benchmark, str):
+            from preprocessing.benchmarks import get_benchmark
+
+            benchmark = get_benchmark(benchmark)
+        return replace(
+            self,
+            binary_weight=benchmark.binary_weight,
+            binary_pos_weight=benchmark.binary_pos_weight,
+            contra_weight=benchmark.contra_weight,
+            contra_start_epoch=benchmark.contra_start_epoch,
+        )
+
+    def contra_active(self, epoch: int) -> bool:
+        return self.contra_weight > 0 and epoch >= self.contra_start_epoch
+
+
+# --------------------------------------------------------------------------- 2D ground truth
+
+
+def build_2d_targets(
+    label_base: torch.Tensor,
+    uv: torch.Tensor,
+    batch_index: torch.Tensor,
+    batch_size: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    mask_size: tuple[int, int],
+    null_segment: bool = True,
+    fill_radius: int = 2,
+) -> list[dict[str, torch.Tensor]]:
+    """Per-view GT masks from the points' base labels splatted at the mask resolution.
+
+    label_base [N] (0..C−1, 255 ignore/novel), uv [N,2] (column, row) in an image of
+    ``image_size`` (H, W); masks come out at ``mask_size`` (h, w). A pixel hit by several points
+    takes the smallest label; empty pixels take the smallest label within ``fill_radius`` pixels;
+    what stays empty, and every novel/ignored point, is the null class C. With ``null_segment``
+    the null pixels form a GT mask of class C (official Q6), otherwise they are background only.
+    -> per view {labels int64[M], masks float[M,h,w]}.
+    """
+    (height, width), (h, w) = image_size, mask_size
+    empty = num_classes + 1
+    col = (uv[:, 0].float() * (w / width)).long().clamp(0, w - 1)
+    row = (uv[:, 1].float() * (h / height)).long().clamp(0, h - 1)
+    labels = torch.where(label_base == IGNORE, torch.full_like(label_base, num_classes), label_base)
+    flat = label_base.new_full((batch_size * h * w,), empty)
+    flat = flat.scatter_reduce(0, batch_index * (h * w) + row * w + col, labels, "amin")
+    image = flat.view(batch_size, 1, h, w)
+    for _ in range(fill_radius):
+        nearby = -F.max_pool2d(-image.float(), 3, stride=1, padding=1)
+        image = torch.where(image == empty, nearby.long(), image)
+    image = image[:, 0].masked_fill(image[:, 0] == empty, num_classes)
+    targets = []
+    for b in range(batch_size):
+        present = torch.unique(image[b])
+        if not null_segment:
+            present = present[present != num_classes]
+        targets.append({"labels": present, "masks": (image[b][None] == present[:, None, None]).float()})
+    return targets
+
+
+# --------------------------------------------------------------------------- Mask2Former criterion
+
+
+def sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """Σ over masks of the mean BCE-with-logits over points, / num_masks. logits, targets [M,P]."""
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return loss.mean(1).sum() / num_masks
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """Σ over masks of 1 − (2|p·t| + 1)/(|p| + |t| + 1), / num_masks. logits, targets [M,P]."""
+    probs = logits.sigmoid()
+    numerator = 2 * (probs * targets).sum(-1)
+    denominator = probs.sum(-1) + targets.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+
+
+def uncertain_points(
+    mask_logits: torch.Tensor, num_points: int, oversample_ratio: float, importance_sample_ratio: float
+) -> torch.Tensor:
+    """PointRend sampling: [M,1,h,w] -> [M,P,2]; a share from the most uncertain (−|logit|), rest uniform."""
+    m = mask_logits.shape[0]
+    sampled = int(num_points * oversample_ratio)
+    coords = torch.rand(m, sampled, 2, device=mask_logits.device)
+    uncertainty = -point_sample(mask_logits, coords)[:, 0].abs()
+    num_uncertain = int(importance_sample_ratio * num_points)
+    index = uncertainty.topk(num_uncertain, dim=1).indices
+    chosen = coords.gather(1, index[:, :, None].expand(-1, -1, 2))
+    rest = num_points - num_uncertain
+    if rest > 0:
+        chosen = torch.cat([chosen, torch.rand(m, rest, 2, device=mask_logits.device)], dim=1)
+    return chosen
+
+
+class SetCriterion:
+    """Mask2Former SetCriterion: Hungarian matching, then CE / mask BCE / dice (+ deep supervision)."""
+
+    def __init__(self, cfg: LossConfig):
+        self.cfg = cfg
+        self.matcher = HungarianMatcher(cfg.class_weight, cfg.mask_weight, cfg.dice_weight, cfg.num_points)
+
+    def single(
+        self,
+        pred_logits: torch.Tensor,
+        pred_masks: torch.Tensor,
+        targets: list[dict[str, torch.Tensor]],
+        num_masks: float,
+    ) -> dict[str, torch.Tensor]:
+        """The three losses of one prediction layer: pred_logits [B,Q,C+1], pred_masks [B,Q,h,w]."""
+        cfg = self.cfg
+        indices = self.matcher(pred_logits, pred_masks, targets)
+        num_classes = pred_logits.shape[-1] - 1
+        batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(
+            pred_logits.device
+        )
+        query_idx = torch.cat([q for q, _ in indices]).to(pred_logits.device)
+        target_classes = torch.full(
+            pred_logits.shape[:2], num_classes, dtype=torch.int64, device=pred_logits.device
+        )
+        target_classes[batch_idx, query_idx] = torch.cat(
+            [t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices, strict=True)]
+        ).to(pred_logits.device)
+        class_weight = pred_logits.new_ones(num_classes + 1)
+        class_weight[-1] = cfg.eos_coef
+        loss_ce = F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, class_weight)
+        if len(query_idx) == 0:
+            zero = pred_masks.sum() * 0.0
+            return {"loss_ce": loss_ce, "loss_mask": zero, "loss_dice": zero}
+        src = pred_masks[batch_idx, query_idx][:, None].float()
+        tgt = torch.cat(
+            [t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices, strict=True)]
+        )
+        tgt = tgt[:, None].to(src)
+        with torch.no_grad():
+            coords = uncertain_points(src, cfg.num_points, cfg.oversample_ratio, cfg.importance_sample_ratio)
+            labels = point_sample(tgt, coords)[:, 0]
+        logits = point_sample(src, coords)[:, 0]
+        return {
+            "loss_ce": loss_ce,
+            "loss_mask": sigmoid_ce_loss(logits, labels, num_masks),
+            "loss_dice": dice_loss(logits, labels, num_masks),
+        }
+
+    def __call__(
+        self,
+        pred_logits: torch.Tensor,
+        pred_masks: torch.Tensor,
+        targets: list[dict[str, torch.Tensor]],
+        aux: list[dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        num_masks = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=pred_logits.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(num_masks)
+            num_masks = num_masks / dist.get_world_size()
+        num = max(float(num_masks), 1.0)
+        losses = self.single(pred_logits, pred_masks, targets, num)
+        if self.cfg.deep_supervision:
+            for i, layer in enumerate(aux or []):
+                for key, value in self.single(
+                    layer["pred_logits"], layer["pred_masks"], targets, num
+                ).items():
+                    losses[f"{key}_{i}"] = value
+        return losses
+
+
+# --------------------------------------------------------------------------- 3D, captions, binary
+
+
+def ce_3d(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int, all_ignore_fallback: bool
+) -> torch.Tensor:
+    """CE of point logits [N,C(+1)] against base labels [N] (255 = ignore).
+
+    When every label is ignored: the official fake label C−1 on point 0 (Q11) with the fallback,
+    else an exact 0 (still attached to the graph).
+    """
+    labels = labels.long()
+    if bool((labels == IGNORE).all()):
+        if not all_ignore_fallback or len(labels) == 0:
+            return logits.sum() * 0.0
+        labels = labels.clone()
+        labels[0] = num_classes - 1
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+
+
+def caption_loss(
+    feats: torch.Tensor,
+    batch_index: torch.Tensor,
+    captions: torch.Tensor,
+    has_caption: torch.Tensor,
+    select: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """mean over views with a caption (and ≥ 1 selected point) of 1 − cos(mean point feature, caption)."""
+    b = captions.shape[0]
+    weight = torch.ones_like(batch_index, dtype=feats.dtype) if select is None else select.to(feats.dtype)
+    total = feats.new_zeros(b, feats.shape[1]).index_add(0, batch_index, feats * weight[:, None])
+    count = feats.new_zeros(b).index_add(0, batch_index, weight)
+    valid = has_caption.to(torch.bool).to(feats.device) & (count > 0)
+    if not bool(valid.any()):
+        return feats.sum() * 0.0
+    mean = total[valid] / count[valid, None]
+    return (1 - F.cosine_similarity(mean, captions[valid].to(mean), dim=-1)).mean()
+
+
+def binary_loss(logits: torch.Tensor, binary: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    """BCE-with-logits (pos_weight) of the base (1) vs novel (0) head; 255 = ignored."""
+    valid = binary != IGNORE
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    weight = torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits[valid], binary[valid].to(logits), pos_weight=weight)
+
+
+# --------------------------------------------------------------------------- mask regularisation
+
+
+def mask_confidence(mask_probs: torch.Tensor) -> torch.Tensor:
+    """Mean probability over the pixels where it is > 0.5, per query: [B,Q,H,W] -> [B,Q] (0 if none)."""
+    inside = (mask_probs > 0.5).to(mask_probs.dtype)
+    return (mask_probs * inside).flatten(2).sum(-1) / inside.flatten(2).sum(-1).clamp(min=1)
+
+
+def select_masks(
+    inside: torch.Tensor, binary: torch.Tensor, confidence: torch.Tensor, cfg: LossConfig
+) -> torch.Tensor:
+    """Query ids of one view chosen for the regularisation (novel first, then base).
+
+    inside [n,Q] bool (point in raw query mask), binary [n] (1 base, 0 novel, 255 ignore: GT labels
+    in "labels" mode, predicted 0/1 in "scores" mode), confidence [Q]. A mask needs
+    ≥ ``contra_min_points`` points; it is novel if #novel > 1.8·#other and #novel > 10, else base if
+    #base > 20·#other and #base > 150 (ignored points count as "other"); the top 4 novel and the
+    top 1 base masks by confidence are kept.
+    """
+    count = inside.sum(0)
+    n_novel = (inside & (binary == 0)[:, None]).sum(0)
+    n_base = (inside & (binary == 1)[:, None]).sum(0)
+    valid = count >= cfg.contra_min_points
+    novel = valid & (n_novel > cfg.contra_novel_ratio * (count - n_novel)) & (n_novel > cfg.contra_novel_min)
+    base = (
+        valid & ~novel & (n_base > cfg.contra_base_ratio * (count - n_base)) & (n_base > cfg.contra_base_min)
+    )
+    chosen = []
+    for flags, top in ((novel, cfg.contra_top_novel), (base, cfg.contra_top_base)):
+        ids = flags.nonzero()[:, 0]
+        order = confidence[ids].argsort(descending=True, stable=True)
+        chosen.append(ids[order[:top]])
+    return torch.cat(chosen)
+
+
+def mask_regularisation(
+    point_probs: torch.Tensor,
+    confidence: torch.Tensor,
+    feats_3d: torch.Tensor,
+    mask_clip: torch.Tensor,
+    batch_index: torch.Tensor,
+    binary: torch.Tensor,
+    cfg: LossConfig,
+) -> tuple[torch.Tensor, int]:
+    """mean over selected masks of 1 − cos(mean pure-3D feature in the mask, stop-grad MaskCLIP embed).
+
+    point_probs [N,Q] raw query mask probabilities at the points, confidence [B,Q], feats_3d [N,D],
+    mask_clip [B,Q,D], binary [N]: GT binary labels ("labels") or the binary-head probability
+    ("scores", thresholded at 0.5). -> (loss, number of selected masks); exact 0 when none.
+    """
+    if cfg.mask_selection == "scores":
+        binary = (binary.detach() > 0.5).long()
+    inside_all = point_probs.detach() >= 0.5
+    losses = []
+    for b in range(mask_clip.shape[0]):
+        pts = (batch_index == b).nonzero()[:, 0]
+        if len(pts) == 0:
+            continue
+        inside = inside_all[pts]
+        chosen = select_masks(inside, binary[pts], confidence[b].detach(), cfg)
+        if len(chosen) == 0:
+            continue
+        weights = inside[:, chosen].to(feats_3d.dtype)  # [n, S]
+        mean = (weights.T @ feats_3d[pts]) / weights.sum(0)[:, None]
+        target = mask_clip[b, chosen].detach().to(mean)
+        losses.append(1 - F.cosine_similarity(mean, target, dim=-1))
+    if not losses:
+        return feats_3d.sum() * 0.0, 0
+    selected = torch.cat(losses)
+    return selected.mean(), len(selected)
+
+
+# --------------------------------------------------------------------------- all terms
+
+
+def loss_weights(cfg: LossConfig, aux_layers: int = 0) -> dict[str, float]:
+    """Weight of every loss term by name (aux layers included)."""
+    weights = {"loss_ce": cfg.class_weight, "loss_mask": cfg.mask_weight, "loss_dice": cfg.dice_weight}
+    if cfg.deep_supervision:
+        for i in range(aux_layers):
+            weights.update(
+                {
+                    f"loss_ce_{i}": cfg.class_weight,
+                    f"loss_mask_{i}": cfg.mask_weight,
+                    f"loss_dice_{i}": cfg.dice_weight,
+                }
+            )
+    weights.update(
+        {
+            "loss_3d": cfg.loss_3d_weight,
+            "loss_3d_pure": cfg.loss_3d_pure_weight,
+            "loss_explicit_contra": cfg.caption_fused_weight,
+            "loss_explicit_contra_3d": cfg.caption_3d_weight,
+            "loss_explicit_contra_2d_pre": cfg.caption_2d_weight,
+            "loss_binary": cfg.binary_weight,
+            "loss_3d_contra": cfg.contra_weight,
+        }
+    )
+    return weights
+
+
+def compute_losses(
+    outputs: dict[str, Any], batch: dict[str, Any], cfg: LossConfig, epoch: int = 0
+) -> dict[str, torch.Tensor]:
+    """Every loss term (unweighted, official names) and ``total`` = Σ weight·term.
+
+    ``outputs`` is ``XMask3D.forward``'s dict; ``batch`` the collate output (label_base, binary,
+    uv, batch_index, caption, has_caption).
+    """
+    pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
+    batch_size, num_classes = pred_logits.shape[0], pred_logits.shape[-1] - 1
+    device = pred_logits.device
+    batch_index = batch["batch_index"].to(device)
+    label_base = batch["label_base"].to(device).long()
+    targets = build_2d_targets(
+        label_base,
+        batch["uv"].to(device),
+        batch_index,
+        batch_size,
+        num_classes,
+        tuple(outputs["image_size"]),
+        tuple(pred_masks.shape[-2:]),
+        cfg.null_segment,
+        cfg.gt_fill_radius,
+    )
+    losses = SetCriterion(cfg)(pred_logits, pred_masks, targets, outputs.get("aux"))
+    losses["loss_3d"] = ce_3d(outputs["logits_3d_fused"], label_base, num_classes, cfg.ce_all_ignore_fallback)
+    losses["loss_3d_pure"] = ce_3d(
+        outputs["logits_3d_pure"], label_base, num_classes, cfg.ce_all_ignore_fallback
+    )
+    caption, has_caption = batch["caption"].to(device), batch["has_caption"].to(device)
+    losses["loss_explicit_contra"] = caption_loss(outputs["feats_fused"], batch_index, caption, has_caption)
+    losses["loss_explicit_contra_3d"] = caption_loss(outputs["feats_3d"], batch_index, caption, has_caption)
+    losses["loss_explicit_contra_2d_pre"] = caption_loss(
+        outputs["feats_2d"], batch_index, caption, has_caption, select=outputs["covered"]
+    )
+    binary = batch["binary"].to(device)
+    losses["loss_binary"] = binary_loss(outputs["binary_logit"], binary, cfg.binary_pos_weight)
+    if cfg.contra_active(epoch) and outputs.get("mask_clip") is not None:
+        selection = binary if cfg.mask_selection == "labels" else outputs["binary_logit"].sigmoid()
+        losses["loss_3d_contra"], _ = mask_regularisation(
+            outputs["point_probs"],
+            outputs["mask_confidence"],
+            outputs["feats_3d"],
+            outputs["mask_clip"],
+            batch_index,
+            selection,
+            cfg,
+        )
+    else:
+        losses["loss_3d_contra"] = outputs["feats_3d"].sum() * 0.0
+    weights = loss_weights(cfg, len(outputs.get("aux") or []))
+    losses["total"] = sum(weights[k] * v for k, v in losses.items())
+    return losses
