@@ -1,0 +1,411 @@
+"""Raw ScanNet / S3DIS -> the Zarr store: one plain function per scene, and a Dask driver.
+
+``preprocess_scannet_scene`` streams a scene's ``.sens`` (one frame in memory at a time, frames
+buffered one projection batch / one store shard at a time), reads its mesh, projects the points
+into each kept depth frame, embeds the view captions and writes ``scenes/<id>`` atomically.
+``run_preprocess`` runs one task per scene on a Dask cluster (a ``LocalCluster`` of processes by
+default); a failing scene is reported in its summary and does not stop the others.
+The Prefect flows call the same per-scene functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from preprocessing.captions import embed_captions, load_captions, scene_captions
+from preprocessing.projection import Correspondences, prepare_points, project_points
+from storage.errors import InputError
+from storage.schema import DEPTH_SCALE
+from storage.store import create_store, open_store, remove_stale_tmp
+
+log = logging.getLogger(__name__)
+
+S3DIS_VAL_AREA = "Area_5"
+S3DIS_DIR = "Stanford3dDataset_v1.2"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How raw scenes become store scenes. ``captions=None``: no captions (zero-size embeddings)."""
+
+    frame_step: int = 20
+    image_size: tuple[int, int] = (320, 240)  # (W, H) of stored colour/depth frames
+    depth_tolerance: float = 0.25
+    margin: int | None = None  # None: 10 px scaled with the width
+    captions: Path | None = None
+    text_encoder: str = "minilm"
+    overwrite: bool = False
+    frame_batch: int = 16  # frames projected together
+    show_progress: bool = True
+
+
+@dataclass
+class SceneSummary:
+    scene_id: str
+    status: str  # "written" | "skipped" | "failed"
+    points: int = 0
+    frames_kept: int = 0
+    frames_dropped: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+    frames_without_caption: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def resolve_captions(raw_dir: Path, captions: str | Path | None) -> Path | None:
+    """``None`` -> ``raw_dir/captions.json`` if present; ``'none'`` -> no captions; else the path."""
+    if captions is None:
+        default = Path(raw_dir) / "captions.json"
+        if default.is_file():
+            return default
+        log.warning("%s: no captions.json; preprocessing without captions", raw_dir)
+        return None
+    if str(captions).lower() == "none":
+        return None
+    path = Path(captions)
+    if not path.is_file():
+        raise InputError(f"{path}: caption file not found (pass --captions none to run without)")
+    return path
+
+
+def list_scannet_scenes(raw_dir: Path) -> dict[str, str]:
+    """Scene id -> 'train' | 'val' from the official split lists, for scenes present in scans/."""
+    raw_dir = Path(raw_dir)
+    scans = raw_dir / "scans"
+    if not scans.is_dir():
+        raise InputError(f"{scans}: not found (expected the raw ScanNet v2 layout)")
+    out: dict[str, str] = {}
+    for split in ("train", "val"):
+        listing = raw_dir / f"scannetv2_{split}.txt"
+        if not listing.is_file():
+            raise InputError(f"{listing}: split list not found")
+        for line in listing.read_text().split():
+            if (scans / line).is_dir():
+                out[line] = split
+            else:
+                log.info("%s: listed in %s but not in scans/", line, listing.name)
+    if not out:
+        raise InputError(f"{scans}: no scene of the split lists is present")
+    return dict(sorted(out.items()))
+
+
+def s3dis_room_id(area: str, room: str) -> str:
+    return f"{area}_{room}"
+
+
+def list_s3dis_rooms(raw_dir: Path) -> dict[str, str]:
+    """Room id (``Area_1_office_1``) -> 'train' | 'val' (Area 5 is val, as in the benchmarks)."""
+    base = Path(raw_dir)
+    if (base / S3DIS_DIR).is_dir():
+        base = base / S3DIS_DIR
+    areas = sorted(p for p in base.glob("Area_*") if p.is_dir())
+    if not areas:
+        raise InputError(f"{raw_dir}: no Area_N directories (expected {S3DIS_DIR}/Area_N/<room>)")
+    out = {}
+    for area in areas:
+        for room in sorted(p for p in area.iterdir() if (p / "Annotations").is_dir()):
+            out[s3dis_room_id(area.name, room.name)] = "val" if area.name == S3DIS_VAL_AREA else "train"
+    if not out:
+        raise InputError(f"{base}: no rooms with Annotations/")
+    return out
+
+
+def _s3dis_room_dir(raw_dir: Path, room_id: str) -> Path:
+    base = Path(raw_dir)
+    if (base / S3DIS_DIR).is_dir():
+        base = base / S3DIS_DIR
+    prefix, number, room = room_id.split("_", 2)  # Area_1_office_1 -> Area_1 / office_1
+    return base / f"{prefix}_{number}" / room
+
+
+@functools.cache
+def _text_encoder(spec: str):
+    """One encoder per worker process (loading MiniLM takes seconds)."""
+    from xmask3d.text import build_text_encoder
+
+    return build_text_encoder(spec)
+
+
+@functools.cache
+def _captions(path: Path) -> dict[str, dict[int, str]]:
+    return load_captions(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# One scene
+
+
+def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg: PreprocessConfig,
+                             split: str | None = None) -> SceneSummary:
+    """Decode, project, caption-embed and store one ScanNet scene (skips a complete one)."""
+    from preprocessing.scannet.mesh import read_scannet_scene
+    from preprocessing.scannet.sens import SensReader
+
+    start = time.perf_counter()
+    raw_dir = Path(raw_dir)
+    store = open_store(store_path, mode="r+")
+    if store.is_complete(scene_id) and not cfg.overwrite:
+        return SceneSummary(scene_id, "skipped")
+    if split is None:
+        split = list_scannet_scenes(raw_dir).get(scene_id)
+        if split is None:
+            raise InputError(f"{raw_dir}: scene {scene_id} is in no split list")
+    scene_dir = raw_dir / "scans" / scene_id
+    captions = None
+    if cfg.captions is not None:
+        captions = _captions(Path(cfg.captions))
+        if scene_id not in captions:
+            raise InputError(f"{cfg.captions}: no captions for scene {scene_id} "
+                             "(use --captions none to run without)")
+    encoder = _text_encoder(cfg.text_encoder) if captions is not None else None
+    if (encoder.name if encoder else None) != store.attrs.get("text_encoder"):
+        raise InputError(f"{store.path}: store captions use {store.attrs.get('text_encoder')!r}, "
+                         f"this run {encoder.name if encoder else None!r}")
+
+    sens_path = scene_dir / f"{scene_id}.sens"
+    sens = SensReader(sens_path)
+    mesh = read_scannet_scene(scene_dir, raw_dir / "scannetv2-labels.combined.tsv")
+    W, H = cfg.image_size
+    K = sens.intrinsic(cfg.image_size).astype(np.float32)
+    points = prepare_points(mesh.xyz)
+    max_frames = math.ceil(sens.num_frames / cfg.frame_step)
+
+    indices: list[int] = []
+    poses: list[np.ndarray] = []
+    parts: list[Correspondences] = []
+    batch_pose: list[np.ndarray] = []
+    batch_depth: list[np.ndarray] = []
+
+    def project_batch() -> None:
+        if batch_pose:
+            parts.append(project_points(points, np.stack(batch_pose), K, np.stack(batch_depth),
+                                        margin=cfg.margin, depth_tolerance=cfg.depth_tolerance,
+                                        frame_batch=cfg.frame_batch))
+            batch_pose.clear()
+            batch_depth.clear()
+
+    with store.writer(scene_id) as writer:
+        writer.write("points/xyz", mesh.xyz.astype(np.float32))
+        writer.write("points/rgb", mesh.rgb.astype(np.uint8))
+        writer.write("points/nyu40", mesh.nyu40.astype(np.uint8))
+        writer.write("points/category", mesh.category.astype(np.uint16))
+        writer.begin_frames(max_frames, cfg.image_size)
+        frames = sens.frames(step=cfg.frame_step, size=cfg.image_size)
+        bar = tqdm(frames, total=max_frames, desc=scene_id, unit="frame", leave=False,
+                   disable=not cfg.show_progress)
+        for frame in bar:
+            depth_mm = np.rint(np.clip(frame.depth * DEPTH_SCALE, 0, 65535)).astype(np.uint16)
+            writer.add_frame(np.ascontiguousarray(frame.color, dtype=np.uint8), depth_mm)
+            indices.append(frame.index)
+            poses.append(frame.pose.astype(np.float32))
+            batch_pose.append(poses[-1])
+            batch_depth.append(depth_mm.astype(np.float32) / np.float32(DEPTH_SCALE))
+            if len(batch_pose) == cfg.frame_batch:
+                project_batch()
+        project_batch()
+        bar.close()
+        n_frames = writer.end_frames()
+        proj = Correspondences.concat(parts) if parts else Correspondences.empty(0)
+        writer.write("frames/index", np.asarray(indices, np.int32))
+        writer.write("frames/pose", np.stack(poses) if poses else np.zeros((0, 4, 4), np.float32))
+        writer.write("frames/intrinsic", np.repeat(K[None], n_frames, axis=0))
+        writer.write("proj/offsets", proj.offsets)
+        writer.write("proj/point", proj.point)
+        writer.write("proj/uv", proj.uv)
+        missing: list[int] = []
+        if captions is not None:
+            texts, missing = scene_captions(captions, scene_id, indices, source=cfg.captions)
+            clip = embed_captions(texts, encoder)
+        else:
+            texts, clip = [""] * n_frames, np.zeros((n_frames, 0), np.float16)
+        writer.write("captions/text", np.asarray(texts, dtype=str) if texts else np.zeros(0, str))
+        writer.write("captions/clip", clip)
+        dropped = dict(sens.dropped)
+        source_files = {**{str(k): int(v) for k, v in mesh.source_files.items()},
+                        sens_path.name: int(sens_path.stat().st_size)}
+        writer.commit({
+            "split": split,
+            "dataset": "scannet",
+            "source_files": source_files,
+            "frame_step": cfg.frame_step,
+            "dropped_frames": dropped,
+            "axis_alignment": np.asarray(mesh.axis_alignment, np.float64).tolist(),
+            "intrinsics_source": f"{sens_path.name} header intrinsic_depth "
+                                 f"({sens.depth_width}x{sens.depth_height}) rescaled to {W}x{H}",
+            "frames_without_caption": missing,
+            "captions": str(cfg.captions) if cfg.captions else None,
+            "image_size": [W, H],
+            "num_points": int(len(mesh.xyz)),
+            "num_frames": int(n_frames),
+            "depth_scale": DEPTH_SCALE,
+            "depth_tolerance": cfg.depth_tolerance,
+            "margin": cfg.margin,
+        })
+    return SceneSummary(scene_id, "written", points=len(mesh.xyz), frames_kept=n_frames,
+                        frames_dropped=dropped, seconds=time.perf_counter() - start,
+                        frames_without_caption=len(missing))
+
+
+def preprocess_s3dis_room(raw_dir: Path, room_id: str, store_path: Path, cfg: PreprocessConfig,
+                          split: str | None = None) -> SceneSummary:
+    """Store one S3DIS room: points and labels; zero frames (views come from 2D-3D-S later)."""
+    from preprocessing.s3dis.reader import read_s3dis_room
+
+    start = time.perf_counter()
+    store = open_store(store_path, mode="r+")
+    if store.is_complete(room_id) and not cfg.overwrite:
+        return SceneSummary(room_id, "skipped")
+    room_dir = _s3dis_room_dir(raw_dir, room_id)
+    if not room_dir.is_dir():
+        raise InputError(f"{room_dir}: room not found")
+    split = split or ("val" if room_id.startswith(S3DIS_VAL_AREA + "_") else "train")
+    room = read_s3dis_room(room_dir)
+    W, H = cfg.image_size
+    with store.writer(room_id) as writer:
+        writer.write("points/xyz", room.xyz.astype(np.float32))
+        writer.write("points/rgb", room.rgb.astype(np.uint8))
+        writer.write("points/label", room.label.astype(np.uint8))
+        writer.begin_frames(0, cfg.image_size)
+        writer.end_frames()
+        writer.write("frames/index", np.zeros(0, np.int32))
+        writer.write("frames/pose", np.zeros((0, 4, 4), np.float32))
+        writer.write("frames/intrinsic", np.zeros((0, 3, 3), np.float32))
+        empty = Correspondences.empty(0)
+        writer.write("proj/offsets", empty.offsets)
+        writer.write("proj/point", empty.point)
+        writer.write("proj/uv", empty.uv)
+        writer.write("captions/text", np.zeros(0, str))
+        writer.write("captions/clip", np.zeros((0, int(store.attrs.get("text_dim") or 0)), np.float16))
+        writer.commit({
+            "split": split,
+            "dataset": "s3dis",
+            "source_files": {str(k): int(v) for k, v in room.source_files.items()},
+            "skipped_lines": int(room.skipped_lines),
+            "frame_step": cfg.frame_step,
+            "dropped_frames": {},
+            "axis_alignment": np.eye(4).tolist(),
+            "intrinsics_source": None,
+            "frames_without_caption": [],
+            "captions": None,
+            "image_size": [W, H],
+            "num_points": int(len(room.xyz)),
+            "num_frames": 0,
+            "depth_scale": DEPTH_SCALE,
+        })
+    return SceneSummary(room_id, "written", points=len(room.xyz), seconds=time.perf_counter() - start)
+
+
+SCENE_FUNCTIONS = {"scannet": preprocess_scannet_scene, "s3dis": preprocess_s3dis_room}
+
+
+def preprocess_scene_safe(dataset: str, raw_dir: Path, scene_id: str, store_path: Path,
+                          cfg: PreprocessConfig, split: str | None = None) -> SceneSummary:
+    """Like the per-scene functions, but a failure becomes a 'failed' summary (for Dask tasks)."""
+    start = time.perf_counter()
+    try:
+        return SCENE_FUNCTIONS[dataset](raw_dir, scene_id, store_path, cfg, split)
+    except Exception as error:  # one bad scene must not stop the others
+        log.error("%s failed: %s\n%s", scene_id, error, traceback.format_exc())
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return SceneSummary(scene_id, "failed", error=f"{type(error).__name__}: {message}",
+                            seconds=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: PreprocessConfig,
+                  scenes: Iterable[str] | None = None) -> tuple[dict[str, str], PreprocessConfig]:
+    """Validate inputs, create/open the store and remove stale temporaries; -> (scene -> split, cfg).
+
+    Every bad input (unknown scenes, missing captions for a scene, incompatible store) fails here,
+    before any worker starts.
+    """
+    if dataset not in SCENE_FUNCTIONS:
+        raise InputError(f"unknown dataset {dataset!r} (scannet, s3dis)")
+    if cfg.frame_step < 1:
+        raise InputError(f"--frame-step must be >= 1, got {cfg.frame_step}")
+    listing = list_scannet_scenes(raw_dir) if dataset == "scannet" else list_s3dis_rooms(raw_dir)
+    if scenes is not None:
+        scenes = list(scenes)
+        unknown = [s for s in scenes if s not in listing]
+        if unknown:
+            raise InputError(f"{raw_dir}: unknown scenes {', '.join(unknown)}")
+        listing = {s: listing[s] for s in scenes}
+    encoder_name, text_dim = None, 0
+    if dataset == "s3dis":
+        cfg = PreprocessConfig(**{**cfg.__dict__, "captions": None})
+    if cfg.captions is not None:
+        cfg = PreprocessConfig(**{**cfg.__dict__, "captions": Path(cfg.captions).resolve()})
+        captions = _captions(cfg.captions)
+        missing = [s for s in listing if s not in captions]
+        if missing:
+            raise InputError(f"{cfg.captions}: no captions for scene(s) {', '.join(missing)} "
+                             "(use --captions none to run without)")
+        encoder = _text_encoder(cfg.text_encoder)
+        encoder_name, text_dim = encoder.name, encoder.dim
+    store = create_store(store_path, dataset, encoder_name, text_dim)
+    removed = remove_stale_tmp(store)
+    if removed:
+        log.warning("%s: removed unfinished scenes from an earlier run: %s", store_path, ", ".join(removed))
+    return listing, cfg
+
+
+def run_preprocess(dataset: str, raw_dir: Path, store_path: Path, cfg: PreprocessConfig,
+                   scenes: Iterable[str] | None = None, dask_address: str | None = None,
+                   workers: int | None = None) -> list[SceneSummary]:
+    """Preprocess scenes with Dask, one task per scene; returns one summary per scene (in order).
+
+    ``dask_address``: an existing scheduler; otherwise a ``LocalCluster`` of ``workers`` single-
+    threaded processes (default: min(CPU count, scenes)).
+    """
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    raw_dir, store_path = Path(raw_dir), Path(store_path)
+    listing, cfg = prepare_store(dataset, raw_dir, store_path, cfg, scenes)
+    ids = list(listing)
+    if dask_address:
+        cluster = None
+        client = Client(dask_address)
+    else:
+        n = max(1, min(workers or os.cpu_count() or 1, len(ids)))
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    worker_cfg = PreprocessConfig(**{**cfg.__dict__, "show_progress": False}) if len(ids) > 1 else cfg
+    summaries: dict[str, SceneSummary] = {}
+    try:
+        futures = {client.submit(preprocess_scene_safe, dataset, raw_dir.resolve(), sid,
+                                 store_path.resolve(), worker_cfg, listing[sid], key=f"preprocess-{sid}",
+                                 pure=False): sid for sid in ids}
+        bar = tqdm(total=len(ids), desc=f"preprocess {dataset}", unit="scene",
+                   disable=not cfg.show_progress)
+        for future in as_completed(futures):
+            sid = futures[future]
+            try:
+                summary = future.result()
+            except Exception as error:  # e.g. KilledWorker: the worker process died
+                summary = SceneSummary(sid, "failed", error=f"{type(error).__name__}: {error}")
+            summaries[sid] = summary
+            bar.set_postfix_str(f"{sid}: {summary.status}")
+            bar.update(1)
+        bar.close()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return [summaries[s] for s in ids]
