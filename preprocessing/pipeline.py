@@ -409,3 +409,14 @@ def run_preprocess(dataset: str, raw_dir: Path, store_path: Path, cfg: Preproces
         if cluster is not None:
             cluster.close()
     return [summaries[s] for s in ids]
+
+
+def format_summaries(summaries: list[SceneSummary]) -> str:
+    """A plain-text table of per-scene results (for the command line)."""
+    lines = [f"{'scene':<24} {'status':<8} {'points':>9} {'frames':>7} {'no-caption':>10}  error"]
+    for s in summaries:
+        lines.append(f"{s.scene_id:<24} {s.status:<8} {s.points:>9} {s.frames_kept:>7} "
+                     f"{s.frames_without_caption:>10}  {s.error or ''}")
+    counts = {k: sum(s.status == k for s in summaries) for k in ("written", "skipped", "failed")}
+    lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
+    return "\n".join(lines)

@@ -92,13 +92,32 @@ def preprocess_scannet(
     raw: Annotated[Path, typer.Option(help="raw ScanNet directory (with scans/)")],
     out: Annotated[Path, typer.Option(help="output store, e.g. data/scannet.zarr")],
     frame_step: int = 20,
-    captions: Annotated[str | None, typer.Option(help="caption JSON, or 'none'")] = None,
+    captions: Annotated[str | None, typer.Option(
+        help="caption JSON (default RAW/captions.json if present), or 'none'")] = None,
     dask_address: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler")] = None,
     workers: Annotated[int | None, typer.Option(help="local Dask worker processes")] = None,
     overwrite: bool = False,
+    text_encoder: Annotated[str, typer.Option(
+        help="minilm | openclip-tiny | openclip:MODEL:CHECKPOINT")] = "minilm",
+    clip_model: Annotated[str | None, typer.Option(help="open_clip model, e.g. ViT-L-14")] = None,
+    clip_checkpoint: Annotated[Path | None, typer.Option(help="local open_clip checkpoint")] = None,
+    scenes: Annotated[str | None, typer.Option(help="comma-separated scene ids (default: all)")] = None,
 ) -> None:
     """Decode, project, caption-embed and store ScanNet scenes."""
-    not_implemented("preprocess scannet")
+    from preprocessing.pipeline import PreprocessConfig, format_summaries, resolve_captions, run_preprocess
+
+    if clip_model or clip_checkpoint:
+        if not (clip_model and clip_checkpoint):
+            raise InputError("--clip-model and --clip-checkpoint go together")
+        text_encoder = f"openclip:{clip_model}:{clip_checkpoint}"
+    cfg = PreprocessConfig(frame_step=frame_step, captions=resolve_captions(raw, captions),
+                           text_encoder=text_encoder, overwrite=overwrite)
+    ids = [s.strip() for s in scenes.split(",") if s.strip()] if scenes else None
+    summaries = run_preprocess("scannet", raw, out, cfg, scenes=ids, dask_address=dask_address,
+                               workers=workers)
+    typer.echo(format_summaries(summaries))
+    if any(s.status == "failed" for s in summaries):
+        raise typer.Exit(code=1)
 
 
 @preprocess_app.command("s3dis")
@@ -108,9 +127,16 @@ def preprocess_s3dis(
     out: Annotated[Path, typer.Option(help="output store")],
     workers: Annotated[int | None, typer.Option(help="local Dask worker processes")] = None,
     overwrite: bool = False,
+    dask_address: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler")] = None,
 ) -> None:
-    """Store S3DIS rooms."""
-    not_implemented("preprocess s3dis")
+    """Store S3DIS rooms (points and labels; no views yet)."""
+    from preprocessing.pipeline import PreprocessConfig, format_summaries, run_preprocess
+
+    cfg = PreprocessConfig(captions=None, overwrite=overwrite)
+    summaries = run_preprocess("s3dis", raw, out, cfg, dask_address=dask_address, workers=workers)
+    typer.echo(format_summaries(summaries))
+    if any(s.status == "failed" for s in summaries):
+        raise typer.Exit(code=1)
 
 
 @app.command()

@@ -1,0 +1,228 @@
+"""Torch dataset over a store: one sample = one view of a scene and the points visible in it.
+
+As in the official implementation, a sample holds only the points the chosen view sees (3D
+input, labels and point->pixel mapping alike). Labels are mapped through the chosen benchmark at
+read time, so one store serves every benchmark of its dataset. Train mode draws a random valid
+view per item (seeded by (seed, epoch, item), so runs are reproducible and DataLoader workers
+agree); eval mode has one item per (scene, valid view).
+
+Sample keys (numpy): ``scene_id, view_index, coord float32[N,3], color float32[N,3] in [-1,1],
+point_index int64[N], voxel_coord int32[V,3], voxel_feat float32[V,3], inverse int64[N],
+label int64[N] (0..T-1, 255), label_base int64[N] (0..C-1, 255), binary float32[N] (1/0/255),
+uv int64[N,2] (column, row), image uint8[3,H,W], caption float32[D], has_caption bool``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from preprocessing.benchmarks import Benchmark, get_benchmark
+from storage.errors import InputError
+from storage.store import Scene, Store, open_store
+
+log = logging.getLogger(__name__)
+
+IGNORE = 255
+OFFICIAL_MIN_POINTS = 400  # a view is valid with min_points < visible points < max_points
+OFFICIAL_MAX_POINTS = 65000
+MAX_DRAWS = 64
+
+
+def scene_labels(scene: Scene, benchmark: Benchmark) -> np.ndarray:
+    """uint8 [N] benchmark labels (0..T-1, 255 = ignore) of every point of a scene."""
+    if benchmark.store_field not in scene:
+        raise InputError(f"{scene.path}: has no {benchmark.store_field} (needed by {benchmark.name})")
+    return benchmark.map_raw(scene[benchmark.store_field][:])
+
+
+def voxelize(coord: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Grid coordinates of occupied voxels, the first point of each, and point -> voxel.
+
+    Returns (voxel_coord int32[V,3] shifted to start at 0, first int64[V], inverse int64[N]).
+    """
+    grid = np.floor(coord / voxel_size).astype(np.int64)
+    grid -= grid.min(axis=0) if len(grid) else 0
+    dims = grid.max(axis=0) + 1 if len(grid) else np.ones(3, np.int64)
+    key = (grid[:, 0] * dims[1] + grid[:, 1]) * dims[2] + grid[:, 2]
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    return grid[first].astype(np.int32), first.astype(np.int64), inverse.reshape(-1).astype(np.int64)
+
+
+def random_rotate_scale(coord: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The official Voxelizer augmentation: rotations x,y ~ U(±pi/64), z ~ U(±pi) in random order,
+    scale ~ U(0.9, 1.1)."""
+    mats = []
+    for axis, limit in ((0, np.pi / 64), (1, np.pi / 64), (2, np.pi)):
+        a = rng.uniform(-limit, limit)
+        c, s = np.cos(a), np.sin(a)
+        i, j = [k for k in range(3) if k != axis]
+        m = np.eye(3)
+        m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+        mats.append(m)
+    rot = np.eye(3)
+    for k in rng.permutation(3):
+        rot = rot @ mats[k]
+    return (coord @ (rot * rng.uniform(0.9, 1.1)).T).astype(np.float32)
+
+
+class SceneViewDataset(Dataset):
+    """Views of a store's scenes for one benchmark (see the module docstring for the sample)."""
+
+    def __init__(self, store_path: str | Path, benchmark: str, split: str = "train", mode: str = "train",
+                 voxel_size: float = 0.02, loop: int = 1, seed: int = 0,
+                 image_size: tuple[int, int] = (320, 240), min_points: int = OFFICIAL_MIN_POINTS,
+                 max_points: int = OFFICIAL_MAX_POINTS, min_labelled: int = 10,
+                 augment: bool = False, scenes: list[str] | None = None) -> None:
+        if mode not in ("train", "eval"):
+            raise InputError(f"dataset mode must be 'train' or 'eval', got {mode!r}")
+        self.store_path = Path(store_path)
+        self.benchmark = get_benchmark(benchmark)
+        self.split, self.mode = split, mode
+        self.voxel_size, self.loop, self.seed = float(voxel_size), int(loop), int(seed)
+        self.image_size = tuple(image_size)
+        self.min_points, self.max_points, self.min_labelled = min_points, max_points, min_labelled
+        self.augment = augment
+        self.epoch = 0
+        store = self.store
+        if store.attrs.get("dataset") != self.benchmark.dataset:
+            raise InputError(f"{self.store_path}: a {store.attrs.get('dataset')} store cannot serve "
+                             f"benchmark {benchmark}")
+        ids = scenes if scenes is not None else store.scene_ids(split)
+        self.valid_views: dict[str, np.ndarray] = {}
+        for sid in ids:
+            counts = np.diff(store.scene(sid)["proj/offsets"][:])
+            valid = np.flatnonzero((counts > min_points) & (counts < max_points))
+            if len(valid):
+                self.valid_views[sid] = valid
+            else:
+                log.info("%s: no view with %d < visible points < %d; left out", sid, min_points, max_points)
+        self.scene_ids = list(self.valid_views)
+        if not self.scene_ids:
+            raise InputError(f"{self.store_path}: no {split} scene has a view with {min_points} < visible "
+                             f"points < {max_points}")
+        self.items = [(s, int(v)) for s in self.scene_ids for v in self.valid_views[s]]
+
+    # the store handle is per process (DataLoader workers re-open it)
+    @property
+    def store(self) -> Store:
+        if getattr(self, "_store", None) is None:
+            self._store = open_store(self.store_path)
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_store"] = None
+        return state
+
+    def set_epoch(self, epoch: int) -> None:
+        """Train mode: a new epoch draws new views (deterministically)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.scene_ids) * self.loop if self.mode == "train" else len(self.items)
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - bounded; the dataset lives as long as the loader
+    def _scene_arrays(self, scene_id: str) -> dict[str, np.ndarray]:
+        scene = self.store.scene(scene_id)
+        return {"xyz": scene["points/xyz"][:], "rgb": scene["points/rgb"][:],
+                "label": scene_labels(scene, self.benchmark), "offsets": scene["proj/offsets"][:]}
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        if self.mode == "eval":
+            scene_id, view = self.items[i]
+            return self._sample(scene_id, view, rng)
+        scene_id = self.scene_ids[i % len(self.scene_ids)]
+        valid = self.valid_views[scene_id]
+        labels = self._scene_arrays(scene_id)["label"]
+        scene = self.store.scene(scene_id)
+        for _ in range(MAX_DRAWS):
+            view = int(rng.choice(valid))
+            point, _ = scene.view(view)
+            if int((labels[point] != IGNORE).sum()) > self.min_labelled:
+                break
+        return self._sample(scene_id, view, rng)
+
+    def _sample(self, scene_id: str, view: int, rng: np.random.Generator) -> dict[str, Any]:
+        arrays = self._scene_arrays(scene_id)
+        scene = self.store.scene(scene_id)
+        point, uv = scene.view(view)
+        point = point.astype(np.int64)
+        coord = arrays["xyz"][point]
+        color = arrays["rgb"][point].astype(np.float32) / 127.5 - 1.0
+        vox_in = random_rotate_scale(coord, rng) if self.augment else coord
+        voxel_coord, first, inverse = voxelize(vox_in, self.voxel_size)
+        label = arrays["label"][point]
+        image = scene["frames/color"][view]
+        uv = uv.astype(np.int64)
+        H, W = image.shape[:2]
+        if (W, H) != self.image_size:
+            from PIL import Image
+
+            image = np.asarray(Image.fromarray(image).resize(self.image_size, Image.BILINEAR))
+            sx, sy = self.image_size[0] / W, self.image_size[1] / H
+            uv = np.stack([np.minimum(((uv[:, 0] + 0.5) * sx).astype(np.int64), self.image_size[0] - 1),
+                           np.minimum(((uv[:, 1] + 0.5) * sy).astype(np.int64), self.image_size[1] - 1)], 1)
+        caption = scene["captions/clip"][view].astype(np.float32)
+        has_caption = bool(str(scene["captions/text"][view]).strip()) and caption.size > 0
+        return {
+            "scene_id": scene_id,
+            "view_index": view,
+            "coord": coord.astype(np.float32),
+            "color": color,
+            "point_index": point,
+            "voxel_coord": voxel_coord,
+            "voxel_feat": color[first],
+            "inverse": inverse,
+            "label": label.astype(np.int64),
+            "label_base": self.benchmark.to_base(label).astype(np.int64),
+            "binary": self.benchmark.to_binary(label).astype(np.float32),
+            "uv": uv,
+            "image": np.ascontiguousarray(image.transpose(2, 0, 1)),
+            "caption": caption,
+            "has_caption": has_caption,
+        }
+
+
+def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch samples for spconv: points concatenated with ``offset`` (cumulative counts),
+    ``voxel_coord`` int32[ΣV,4] = (batch, x, y, z), ``inverse`` shifted into the concatenation."""
+    n_points = np.array([len(s["coord"]) for s in samples], np.int64)
+    n_voxels = np.array([len(s["voxel_coord"]) for s in samples], np.int64)
+    voxel_start = np.concatenate([[0], np.cumsum(n_voxels)[:-1]])
+
+    def cat(key: str) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([s[key] for s in samples]))
+
+    voxel_coord = np.concatenate([
+        np.concatenate([np.full((len(s["voxel_coord"]), 1), b, np.int32), s["voxel_coord"]], axis=1)
+        for b, s in enumerate(samples)])
+    return {
+        "scene_id": [s["scene_id"] for s in samples],
+        "view_index": torch.tensor([s["view_index"] for s in samples], dtype=torch.int64),
+        "coord": cat("coord"),
+        "color": cat("color"),
+        "point_index": cat("point_index"),
+        "voxel_coord": torch.from_numpy(voxel_coord),
+        "voxel_feat": cat("voxel_feat"),
+        "inverse": torch.from_numpy(np.concatenate([s["inverse"] + o for s, o in zip(samples, voxel_start,
+                                                                                       strict=True)])),
+        "label": cat("label"),
+        "label_base": cat("label_base"),
+        "binary": cat("binary"),
+        "uv": cat("uv"),
+        "offset": torch.from_numpy(np.cumsum(n_points)),
+        "batch_index": torch.from_numpy(np.repeat(np.arange(len(samples)), n_points)),
+        "image": torch.from_numpy(np.stack([s["image"] for s in samples])),
+        "caption": torch.from_numpy(np.stack([s["caption"] for s in samples])),
+        "has_caption": torch.tensor([s["has_caption"] for s in samples]),
+    }
