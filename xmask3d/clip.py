@@ -79,9 +79,12 @@ def build_clip_model(cfg: ClipConfig, embed_dim: int) -> nn.Module:
     if ckpt is not None and ckpt.is_dir():
         if not (ckpt / "open_clip_config.json").is_file():
             raise InputError(f"{ckpt}: open_clip folder without open_clip_config.json")
-        if not any(ckpt.glob(pattern) for pattern in ("*.safetensors", "*.bin", "*.pth")):
+        if not any(any(ckpt.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth")):
             raise InputError(f"{ckpt}: open_clip folder without a weights file")
-        return open_clip.create_model(f"local-dir:{ckpt}")
+        try:
+            return open_clip.create_model(f"local-dir:{ckpt}")
+        except ValueError as e:  # open_clip's message for a malformed open_clip_config.json
+            raise InputError(f"{ckpt}: {e}") from e
     if ckpt is not None and not ckpt.is_file():
         raise InputError(f"{ckpt}: CLIP checkpoint not found")
     if cfg.model_cfg is not None:
