@@ -1,0 +1,584 @@
+"""Training: AdamW (two lr groups), cosine-per-iteration schedule with warm-up, checkpoints, DDP.
+
+`train()` is what `xmask3d train`, the `train/<benchmark>` flow and the demo call: it checks the
+inputs (benchmark, store labels, text encoder, MLflow backend, resume checkpoint) *before* any
+training, trains with :func:`fit`, evaluates on the validation scenes, logs everything to MLflow
+and registers the model. :func:`fit` is the loop itself and knows nothing about XMask3D: it takes
+a model, a dataset and a loss function, so its mechanics (bit-for-bit resume, DDP sync) are
+tested on any module.
+
+One sample = one scene with one random view (``SceneViewDataset`` in train mode); an epoch sees
+every training scene ``loop`` times. The official recipe (XMASK3D_SPEC.md §6) is the ``paper``
+preset; ``tiny`` trains in minutes on a CPU.
+
+DDP: launched by ``torchrun`` (WORLD_SIZE > 1), NCCL on CUDA and gloo on CPU, a
+``DistributedSampler`` per rank; only rank 0 logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from storage.errors import InputError
+from xmask3d.checkpoint import (
+    LAST_NAME,
+    capture_rng_state,
+    check_compatible,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Every training hyperparameter; logged to MLflow as ``train.*`` params."""
+
+    preset: str = "tiny"  # model preset (xmask3d.config.preset) this recipe trains
+    epochs: int = 150
+    loop: int = 16  # each epoch sees every training scene `loop` times (random view each time)
+    batch_size: int = 16  # scenes per process and step
+    lr_3d: float = 1e-3  # 3D branch + binary head
+    lr_other: float = 1e-4  # everything else that is trainable (frozen weights excluded)
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_iters: int = 0  # linear warm-up from warmup_factor·lr, then cosine to 0
+    warmup_factor: float = 0.01
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    amp: bool = False  # bf16 autocast; CUDA only (ignored on CPU)
+    checkpoint_every: int = 0  # steps; 0 = only at epoch ends and at the end
+    seed: int = 5557
+    num_workers: int = 4
+    log_every: int = 1  # steps between MLflow metric logs
+    max_steps: int = 0  # > 0: stop after this many steps (smoke runs, tests)
+    checkpoint_dir: str = "checkpoints"
+    voxel_size: float = 0.02
+    image_size: tuple[int, int] = (320, 240)
+    evaluate: bool = True  # evaluate on the val scenes after training and register the model
+    eval_max_views: int = 0  # 0 = every view of every val scene (the official protocol)
+    ply_scenes: int = 3  # scenes exported as coloured PLY (prediction vs ground truth)
+    contra_start_epoch: int | None = None  # None = the benchmark's (50 / 75 epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    # The official recipe: 150 epochs, loop 16, 16 scenes per GPU (x4 GPUs = 64), no warm-up,
+    # no clipping, no AMP, cosine per iteration, seed 5557.
+    "paper": TrainConfig(preset="paper", epochs=150, loop=16, batch_size=16, warmup_iters=0,
+                         grad_clip=0.0, amp=False, checkpoint_every=2000, num_workers=4, log_every=20),
+    # One GPU with a reduced model: bf16, short warm-up and clipping for stability.
+    "small": TrainConfig(preset="small", epochs=50, loop=8, batch_size=8, warmup_iters=200,
+                         grad_clip=1.0, amp=True, checkpoint_every=1000, num_workers=4, log_every=10),
+    # CPU tests and the demo: minutes on 2 cores. The random-init model learns faster with a
+    # larger lr on the non-3D parts than the pretrained-weights recipe.
+    "tiny": TrainConfig(preset="tiny", epochs=8, loop=8, batch_size=2, lr_3d=3e-3, lr_other=1e-3,
+                        warmup_iters=10, grad_clip=5.0, amp=False, checkpoint_every=20, num_workers=0,
+                        log_every=1, eval_max_views=0, ply_scenes=2),
+}
+
+
+def train_preset(name: str, **overrides: Any) -> TrainConfig:
+    """A named training recipe, with fields overridden by keyword."""
+    if name not in TRAIN_PRESETS:
+        raise InputError(f"unknown training preset {name!r} (choose from {', '.join(TRAIN_PRESETS)})")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise InputError(f"unknown TrainConfig field(s): {', '.join(sorted(unknown))}")
+    return dataclasses.replace(TRAIN_PRESETS[name], **overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+
+def param_groups(model: nn.Module, lr_3d: float, lr_other: float, is_3d: Callable[[str], bool],
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups, frozen parameters (requires_grad False) left out."""
+    fast, slow = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (fast if is_3d(name) else slow).append(param)
+    groups = [{"name": "3d", "params": fast, "lr": lr_3d, "weight_decay": weight_decay},
+              {"name": "other", "params": slow, "lr": lr_other, "weight_decay": weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
+class WarmupCosine:
+    """lr = base·f(step): linear warm-up from `warmup_factor`, then ½(1+cos(π·t)) to 0.
+
+    With no warm-up this is the official schedule (lr set after each step from the iteration
+    count, max_it = epochs·iterations per epoch). State = the step count.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_iters: int = 0,
+                 warmup_factor: float = 0.01) -> None:
+        self.optimizer = optimizer
+        self.total_steps = max(1, total_steps)
+        self.warmup_iters = warmup_iters
+        self.warmup_factor = warmup_factor
+        self.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        for group, base in zip(optimizer.param_groups, self.base_lrs, strict=True):
+            group["initial_lr"] = base
+        self.step_count = 0
+        self._apply()
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_iters:
+            alpha = step / self.warmup_iters
+            return self.warmup_factor + (1 - self.warmup_factor) * alpha
+        span = max(1, self.total_steps - self.warmup_iters)
+        t = min(1.0, (step - self.warmup_iters) / span)
+        return 0.5 * (1 + math.cos(math.pi * t))
+
+    def _apply(self) -> None:
+        f = self.factor(self.step_count)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * f
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, "total_steps": self.total_steps,
+                "warmup_iters": self.warmup_iters, "warmup_factor": self.warmup_factor,
+                "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self.total_steps = int(state["total_steps"])
+        self.warmup_iters = int(state["warmup_iters"])
+        self.warmup_factor = float(state["warmup_factor"])
+        self.base_lrs = list(state["base_lrs"])
+        self._apply()
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world <= 1:
+        return DistInfo(device=torch.device("cuda") if cuda else torch.device("cpu"))
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return DistInfo(rank, world, local, torch.device("cuda", local) if cuda else torch.device("cpu"))
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
+    state = capture_rng_state()
+    if info.world_size == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states: list[Any] = [None] * info.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _broadcast(value: Any, info: DistInfo) -> Any:
+    if info.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+LossFn = Callable[[nn.Module, dict[str, Any], int], Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class FitResult:
+    step: int
+    checkpoint_path: Path | None
+    last_losses: dict[str, float]
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [_to_device(v, device) for v in batch]
+    return batch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | None, loss_fn: LossFn,
+        cfg: TrainConfig, *, is_3d: Callable[[str], bool], checkpoint_dir: Path,
+        meta: Mapping[str, Any] | None = None, resume: Mapping[str, Any] | None = None,
+        on_log: Callable[[dict[str, float], int], None] | None = None,
+        info: DistInfo | None = None) -> FitResult:
+    """Train `model` on `dataset` with `loss_fn(model, batch, epoch) -> {"loss": total, term: value}`.
+
+    `model` must already be seeded/initialised identically on every rank; `resume` is a
+    checkpoint payload (model, optimizer, scheduler, rng, step) to continue from. Checkpoints
+    (`<checkpoint_dir>/last.pt`) are written every `cfg.checkpoint_every` steps, at each epoch end
+    and at the end, by rank 0, with `meta` (preset, benchmark, text encoder, ...) included.
+    """
+    info = info or DistInfo()
+    device = info.device
+    model.to(device)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    groups = param_groups(model, cfg.lr_3d, cfg.lr_other, is_3d, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    train_model: nn.Module = model
+    if info.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[info.local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=True)
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    iters_per_epoch = len(sampler) // cfg.batch_size
+    if iters_per_epoch == 0:
+        raise InputError(f"{len(sampler)} training samples per process are fewer than batch_size "
+                         f"{cfg.batch_size}: lower batch_size or raise loop")
+    total_steps = cfg.epochs * iters_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = WarmupCosine(optimizer, cfg.epochs * iters_per_epoch, cfg.warmup_iters, cfg.warmup_factor)
+    step = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        step = int(resume["step"])
+        rng = resume.get("rng") or []
+        if len(rng) == info.world_size:
+            restore_rng_state(rng[info.rank])
+        else:
+            log.warning("checkpoint has RNG states of %d processes, running %d: reseeding", len(rng),
+                        info.world_size)
+            seed_everything(cfg.seed + 1000 * info.rank + step)
+    checkpoint_dir = Path(checkpoint_dir)
+    ckpt_path = checkpoint_dir / LAST_NAME
+    group_names = [g["name"] for g in groups]
+    use_amp = cfg.amp and device.type == "cuda"
+    last: dict[str, float] = {}
+    written: Path | None = None
+
+    def save() -> None:
+        nonlocal written
+        rng = _gather_rng(info)
+        if info.is_main:
+            written = save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng, "step": step,
+                "epoch": step // iters_per_epoch, "train_config": cfg.to_dict(), **(meta or {}),
+            })
+        _barrier(info)
+
+    model.train()
+    while step < total_steps:
+        epoch = step // iters_per_epoch
+        offset = step - epoch * iters_per_epoch
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        batches = [indices[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(iters_per_epoch)]
+        batches = batches[offset:offset + (total_steps - step)]
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
+                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        sums: dict[str, float] = {}
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main,
+                   initial=offset, total=iters_per_epoch, leave=False)
+        for batch in bar:
+            batch = _to_device(batch, device)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+            with autocast:
+                losses = loss_fn(train_model, batch, epoch)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}: "
+                                         + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            values = {f"loss/{k}": float(v.detach()) for k, v in losses.items()}
+            if cfg.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+                values["grad_norm"] = float(norm)
+            values.update({f"lr/{n}": g["lr"] for n, g in zip(group_names, optimizer.param_groups,
+                                                              strict=True)})
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            values["epoch"] = step / iters_per_epoch
+            last = values
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
+            bar.set_postfix(loss=f"{values['loss/loss']:.3f}")
+            if on_log is not None and info.is_main and (step % cfg.log_every == 0 or step == total_steps):
+                on_log(values, step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save()
+        bar.close()
+        count = max(1, len(batches))
+        if info.is_main:
+            log.info("epoch %d/%d step %d: loss %.4f", epoch + 1, cfg.epochs, step,
+                     sums.get("loss/loss", float("nan")) / count)
+        if step % iters_per_epoch == 0 or step == total_steps:
+            if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                save()
+    if written is None and info.is_main and ckpt_path.is_file():
+        written = ckpt_path
+    return FitResult(step=step, checkpoint_path=written, last_losses=last)
+
+
+# --------------------------------------------------------------------------------------------
+# XMask3D training entry point
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced: MLflow references and the evaluation metrics."""
+
+    run_id: str
+    checkpoint_path: Path
+    model_uri: str | None  # models:/xmask3d-<benchmark>/<version>, None without evaluation
+    metrics: dict[str, float]  # "<head>/<metric>", e.g. "fused/hiou"
+    model_version: str | None = None
+    experiment_id: str | None = None
+    steps: int = 0
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.checkpoint_path
+
+
+def resolve_resume(resume: str | Path, tracking_uri: str | None, checkpoint_root: Path,
+                   download_dir: Path) -> tuple[Path, str | None]:
+    """`resume` is a checkpoint file/dir or an MLflow run id -> (checkpoint file, run id or None)."""
+    from xmask3d import tracking
+
+    path = Path(resume)
+    if path.exists():
+        return (path / LAST_NAME if path.is_dir() else path), None
+    run_id = str(resume)
+    local = checkpoint_root / run_id / LAST_NAME
+    if local.is_file():
+        return local, run_id
+    if "/" in run_id or "." in run_id:
+        raise InputError(f"{resume}: checkpoint not found")
+    return tracking.download_run_checkpoint(tracking_uri, run_id, download_dir), run_id
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    dataset: str
+    text_encoder: str
+    text_dim: int
+    train_scenes: list[str]
+    val_scenes: list[str]
+
+
+def check_store(store_path: Path, bench: Any, need_val: bool) -> StoreInfo:
+    """The store fits the benchmark: same dataset, the label field in every scene, train scenes."""
+    from storage.store import open_store
+
+    store = open_store(store_path)
+    attrs = store.attrs
+    if attrs.get("dataset") != bench.dataset:
+        raise InputError(f"{store_path}: store holds dataset {attrs.get('dataset')!r}, benchmark "
+                         f"{bench.name} needs {bench.dataset!r}")
+    train_ids, val_ids = store.scene_ids("train"), store.scene_ids("val")
+    if not train_ids:
+        raise InputError(f"{store_path}: no training scenes")
+    if need_val and not val_ids:
+        raise InputError(f"{store_path}: no validation scenes to evaluate on")
+    for scene_id in train_ids + val_ids:
+        if bench.store_field not in store.scene(scene_id):
+            raise InputError(f"{store_path}: scene {scene_id} has no {bench.store_field} labels, which "
+                             f"benchmark {bench.name} needs")
+    if not attrs.get("text_encoder") or not attrs.get("text_dim"):
+        raise InputError(f"{store_path}: store records no text encoder (text_encoder/text_dim attrs)")
+    return StoreInfo(bench.dataset, str(attrs["text_encoder"]), int(attrs["text_dim"]), train_ids, val_ids)
+
+
+def check_text_encoder(store_path: Path, store: StoreInfo, encoder: Any) -> None:
+    if store.text_encoder != encoder.name or store.text_dim != encoder.dim:
+        raise InputError(f"{store_path}: captions were embedded with {store.text_encoder} "
+                         f"({store.text_dim}-d) but the preset uses {encoder.name} ({encoder.dim}-d); "
+                         f"re-run preprocessing with that text encoder")
+
+
+def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConfig | None = None,
+          tracking_uri: str | None = None, resume: str | Path | None = None) -> TrainResult:
+    """Train XMask3D on `benchmark` from the store, evaluate, log to MLflow, register the model.
+
+    Every input is checked before training starts (InputError): benchmark name, store dataset
+    and labels, text encoder of the store vs the preset, MLflow backend reachable, and a resumed
+    checkpoint's preset/benchmark. `resume` is a checkpoint file/dir or an MLflow run id (its
+    local `checkpoints/<run_id>/last.pt`, else the run's checkpoint artifact).
+    """
+    from preprocessing.benchmarks import get_benchmark
+    from xmask3d import tracking
+    from xmask3d.config import preset as model_preset
+    from xmask3d.evaluate import evaluation_protocol
+    from xmask3d.text import build_text_encoder
+
+    store_path = Path(store_path)
+    bench = get_benchmark(benchmark)
+    cfg = cfg or train_preset(preset)
+    if cfg.preset != preset:
+        raise InputError(f"training config is for preset {cfg.preset!r}, not {preset!r}")
+    model_cfg = model_preset(preset)
+    loss_cfg = model_cfg.loss.with_benchmark(bench)
+    if cfg.contra_start_epoch is not None:
+        loss_cfg = dataclasses.replace(loss_cfg, contra_start_epoch=cfg.contra_start_epoch)
+    model_cfg = dataclasses.replace(model_cfg, loss=loss_cfg)  # forward and losses agree on the recipe
+    store = check_store(store_path, bench, need_val=cfg.evaluate)
+    info = init_distributed()
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    if info.is_main:
+        tracking.check_tracking_available(uri)
+    checkpoint_root = Path(cfg.checkpoint_dir)
+    payload, run_id = None, None
+    if resume is not None:
+        ckpt, run_id = resolve_resume(resume, uri, checkpoint_root, checkpoint_root / ".downloads")
+        payload = load_checkpoint(ckpt)
+        check_compatible(payload, ckpt, preset=preset, benchmark=benchmark)
+        run_id = run_id or payload.get("run_id")
+    encoder = build_text_encoder(model_cfg.text_encoder)
+    check_text_encoder(store_path, store, encoder)
+    if payload is not None and payload.get("text_encoder", {}).get("name") != encoder.name:
+        raise InputError(f"{resume}: checkpoint was trained with text encoder "
+                         f"{payload.get('text_encoder')}, the preset uses {encoder.name}")
+
+    run = None
+    if info.is_main:
+        run = tracking.RunTracker(uri, benchmark, run_id=run_id, run_name=f"{benchmark}-{preset}",
+                                  tags={"preset": preset, "store": str(store_path.resolve())})
+        run.log_params({"train": cfg.to_dict(), "model": dataclasses.asdict(model_cfg),
+                        "protocol": evaluation_protocol(bench, cfg.eval_max_views, encoder.name),
+                        "data": {"store": str(store_path.resolve()), "benchmark": benchmark,
+                                 "train_scenes": len(store.train_scenes), "val_scenes": len(store.val_scenes),
+                                 "text_encoder": encoder.name, "text_dim": encoder.dim},
+                        "world_size": info.world_size})
+    run_id = _broadcast(run.run_id if run else None, info)
+    try:
+        result = _train_model(store_path, bench, preset, cfg, model_cfg, encoder, info, run, run_id,
+                              checkpoint_root / run_id, payload)
+    except BaseException:
+        if run is not None:
+            run.end("FAILED")
+        raise
+    return result
+
+
+def is_3d_parameter(name: str) -> bool:
+    """The lr_3d group: the 3D branch and the binary head (official `pc_decoder`, `pc_binary_head`)."""
+    name = name.removeprefix("module.")
+    return name.startswith(("backbone3d.", "binary_head."))
+
+
+def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, model_cfg: Any, encoder: Any,
+                 info: DistInfo, run: Any, run_id: str, checkpoint_dir: Path,
+                 payload: dict[str, Any] | None) -> TrainResult:
+    from storage.dataset import SceneViewDataset, collate_scenes
+    from xmask3d import tracking
+    from xmask3d.evaluate import LoadedModel, evaluate_loaded, log_evaluation
+    from xmask3d.losses import compute_losses
+    from xmask3d.model import build_model
+
+    seed_everything(cfg.seed)
+    model = build_model(model_cfg, encoder.dim)
+    seed_everything(cfg.seed + 1000 * info.rank)
+    base_text = encoder.encode(list(bench.base)).to(info.device)
+    dataset = SceneViewDataset(store_path, bench.name, split="train", mode="train", voxel_size=cfg.voxel_size,
+                               loop=cfg.loop, seed=cfg.seed, image_size=cfg.image_size)
+
+    def loss_fn(m: nn.Module, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
+        terms = compute_losses(m(batch, base_text, epoch), batch, model_cfg.loss, epoch)
+        return {"loss": terms["total"], **{k: v for k, v in terms.items() if k != "total"}}
+
+    meta = {"preset": preset, "benchmark": bench.name, "run_id": run_id,
+            "text_encoder": {"name": encoder.name, "dim": encoder.dim, "spec": model_cfg.text_encoder},
+            "model_config": dataclasses.asdict(model_cfg)}
+    on_log = run.log_metrics if run is not None else None
+    fitted = fit(model, dataset, collate_scenes, loss_fn, cfg, is_3d=is_3d_parameter,
+                 checkpoint_dir=checkpoint_dir, meta=meta, resume=payload, on_log=on_log, info=info)
+    ckpt = checkpoint_dir / LAST_NAME
+    metrics: dict[str, float] = {}
+    model_uri = version = None
+    if info.is_main:
+        run.log_artifact(ckpt, "checkpoints")
+        if cfg.evaluate:
+            loaded = LoadedModel(model, encoder, preset, bench.name, cfg.voxel_size, cfg.image_size, ckpt,
+                                 run_id)
+            evaluation = evaluate_loaded(loaded, store_path, bench.name, max_views=cfg.eval_max_views,
+                                         ply_scenes=cfg.ply_scenes)
+            log_evaluation(run, evaluation, step=fitted.step)
+            metrics = evaluation.metrics
+            version = tracking.register_model(run.tracking_uri, run_id, bench.name, ckpt,
+                                              hiou=metrics.get("fused/hiou"))
+            model_uri = f"models:/{tracking.registered_model_name(bench.name)}/{version}"
+        run.set_tags({"steps": fitted.step})
+        run.end()
+    _barrier(info)
+    return TrainResult(run_id=run_id, checkpoint_path=ckpt, model_uri=model_uri, metrics=metrics,
+                       model_version=version, experiment_id=run.experiment_id if run else None,
+                       steps=fitted.step)
