@@ -125,6 +125,14 @@ def test_each_gate_conditions_the_unet(gate, batch):
         assert same != (i in unet_taps)  # the VAE features are unconditioned
 
 
+def test_aspect_preserving_image_size(batch):
+    """Q10 off: a 4:3-shaped input size gives 4:3 masks."""
+    gen = _tiny(image_size=(64, 128))
+    out = gen(*batch)
+    assert out["pred_masks"].shape == (2, 8, 16, 32)
+    assert gen.noise.shape == (1, 4, 8, 16)
+
+
 def test_no_condition_option_has_no_condition_modules(batch):
     gen = _tiny(implicit_condition=False)
     assert not hasattr(gen, "context_proj") and gen.unet.config.class_embed_type is None
