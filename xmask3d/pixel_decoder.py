@@ -193,6 +193,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
             DeformableEncoderLayer(conv_dim, dim_feedforward, n_levels, n_heads, n_points)
             for _ in range(num_layers)
         )
+        # as Mask2Former: xavier on every encoder matrix, then the deformable-attention init
+        for p in self.layers.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for layer in self.layers:
+            layer.self_attn._reset_parameters()
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2)
         # one FPN level for stride 4
         lateral = nn.Conv2d(in_channels, conv_dim, kernel_size=1, bias=False)
