@@ -58,14 +58,20 @@ def synth_scannet(
     seed: int = 0,
 ) -> None:
     """Write synthetic scenes in the raw ScanNet v2 layout."""
-    not_implemented("synth scannet")
+    from preprocessing.synthetic import write_scannet
+
+    ids = write_scannet(out_dir, scenes=scenes, small=small, seed=seed)
+    typer.echo(f"wrote {len(ids)} ScanNet scenes to {out_dir}: {', '.join(ids)}")
 
 
 @synth_app.command("s3dis")
 @user_errors
 def synth_s3dis(out_dir: Path, rooms: int = 2, seed: int = 0) -> None:
     """Write synthetic rooms in the raw Stanford3dDataset_v1.2 layout."""
-    not_implemented("synth s3dis")
+    from preprocessing.synthetic import write_s3dis
+
+    ids = write_s3dis(out_dir, rooms=rooms, seed=seed)
+    typer.echo(f"wrote {len(ids)} S3DIS rooms to {out_dir / 'Stanford3dDataset_v1.2'}: {', '.join(ids)}")
 
 
 @download_app.command("scannet")
