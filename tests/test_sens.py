@@ -196,3 +196,93 @@ def test_bad_arguments(sens_file):
     with pytest.raises(InputError, match="frame step"):
         next(r.frames(step=0))
     assert sens.FRAME_HEADER.itemsize == 96
+
+
+# --- on files written by the synthetic generator -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recorded_scene(tmp_path_factory):
+    """One small synthetic scene, with the frames the generator rendered before encoding them."""
+    from preprocessing.synthetic import scannet as synth
+
+    scene = synth.scannet_scene(0, 1, small=True)
+    rendered = {}
+    original = synth.render_frame
+
+    def recording(scene_, index, rng):
+        frame = original(scene_, index, rng)
+        rendered[index] = (frame.color.copy(), frame.depth_mm.copy())
+        return frame
+
+    out = tmp_path_factory.mktemp("recorded_scene")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(synth, "render_frame", recording)
+        synth.write_scene(scene, out, progress=False)
+    return scene, out / f"{scene.scene_id}.sens", rendered
+
+
+def test_synthetic_header_and_intrinsics(recorded_scene):
+    scene, path, _ = recorded_scene
+    r = SensReader(path)
+    assert r.num_frames == len(scene.poses)
+    assert (r.color_width, r.color_height) == scene.size.color
+    assert (r.depth_width, r.depth_height) == scene.size.depth
+    np.testing.assert_array_equal(r.intrinsic_depth, scene.intrinsic_depth.astype(np.float32))
+    np.testing.assert_array_equal(r.intrinsic_color, scene.intrinsic_color.astype(np.float32))
+    np.testing.assert_allclose(r.intrinsic(scene.size.depth), scene.intrinsic_depth[:3, :3], rtol=1e-6)
+    assert not np.allclose(r.intrinsic_depth, _scene_intrinsic(0))  # per scene, never a constant
+
+
+def _scene_intrinsic(index):
+    from preprocessing.synthetic import scannet_scene
+
+    return scannet_scene(0, index, small=True).intrinsic_depth.astype(np.float32)
+
+
+def test_synthetic_frames_are_what_the_generator_wrote(recorded_scene):
+    scene, path, rendered = recorded_scene
+    r = SensReader(path)
+    frames = list(r.frames(step=1, size=scene.size.depth))
+    invalid = [i for i in range(len(scene.poses)) if not np.isfinite(scene.poses[i]).all()]
+    assert invalid and [f.index for f in frames] == [i for i in range(len(scene.poses)) if i not in invalid]
+    assert r.dropped == {"non_finite_pose": len(invalid)}
+    for f in frames:
+        np.testing.assert_array_equal(f.pose, scene.poses[f.index].astype(np.float32))
+        assert np.abs(f.depth - rendered[f.index][1] / 1000.0).max() < 1e-3
+
+
+def test_synthetic_frames_at_colour_size_with_default_step(recorded_scene):
+    scene, path, rendered = recorded_scene
+    r = SensReader(path)
+    frames = list(r.frames(size=scene.size.color))
+    expected = [i for i in range(0, len(scene.poses), 20) if np.isfinite(scene.poses[i]).all()]
+    assert [f.index for f in frames] == expected
+    (w, h), (dw, dh) = scene.size.color, scene.size.depth
+    rows = sens.nearest_indices(dh, h)[:, None]
+    cols = sens.nearest_indices(dw, w)[None, :]
+    for f in frames:
+        color, depth_mm = rendered[f.index]
+        assert np.abs(f.color.astype(int) - color.astype(int)).mean() < 4  # JPEG quality 90
+        np.testing.assert_allclose(f.depth, depth_mm[rows, cols] / 1000.0, atol=1e-3)
+
+
+def test_corrupted_synthetic_file(recorded_scene, tmp_path):
+    _, path, _ = recorded_scene
+    data = bytearray(path.read_bytes())
+    r = SensReader(path)
+    offsets, offset = [], r.frames_offset
+    for _ in range(r.num_frames):
+        offsets.append(offset)
+        cs, ds = struct.unpack_from("<QQ", data, offset + 80)
+        offset += 96 + cs + ds
+    data[offsets[3] + 96: offsets[3] + 96 + 40] = b"\xff" * 40  # frame 3: JPEG header destroyed
+    bad = tmp_path / "bad.sens"
+    bad.write_bytes(bytes(data[: offsets[30] + 500]))  # and the file ends inside frame 30
+    reader = SensReader(bad)
+    got = []
+    with pytest.raises(InputError, match=rf"truncated at frame 30 \(byte offset {offsets[30]}\)"):
+        for frame in reader.frames(step=1):
+            got.append(frame.index)
+    assert got == [i for i in range(30) if i not in (3, 13)]
+    assert reader.dropped == {"corrupt_color": 1, "non_finite_pose": 1}

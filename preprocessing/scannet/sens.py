@@ -236,7 +236,7 @@ class SensReader:
         expected = self.depth_width * self.depth_height * 2
         if self.depth_compression == DEPTH_ZLIB:
             try:
-                data = zlib.decompress(data)
+                data = zlib.decompress(data, bufsize=expected)
             except zlib.error as error:
                 if strict:
                     raise self._fail(f"{where}: corrupt depth payload ({error})") from error
