@@ -236,6 +236,12 @@ class BottleneckBlock(nn.Module):
         return F.relu(out + (self.shortcut(x) if self.shortcut is not None else x))
 
 
+def tap_modules(unet: UNet2DConditionModel, vae: AutoencoderKL) -> list[nn.Module]:
+    """The resnets whose inputs are the features of ``FEATURE_TAPS`` (same order)."""
+    models = {"unet": unet, "vae": vae}
+    return [models[m].get_submodule(blocks)[i].resnets[-1] for m, blocks, i, _ in FEATURE_TAPS]
+
+
 def _load_dir(path: str, what: str) -> Path:
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -326,7 +332,7 @@ class MaskGenerator(nn.Module):
             self.time_proj = PositionalLinear(cond_dim, time_dim, 1)
             self.alpha_time = nn.Parameter(torch.zeros(time_dim))
 
-        self.taps = [self._tap_module(*t[:3]) for t in FEATURE_TAPS]
+        self.taps = tap_modules(self.unet, self.vae)
         self.tap_strides = [t[3] for t in FEATURE_TAPS]
         self.projections = nn.ModuleList(
             BottleneckBlock(m.in_channels, cfg.feature_channels, cfg.norm_groups) for m in self.taps
@@ -351,9 +357,6 @@ class MaskGenerator(nn.Module):
         )
 
     # -- frozen parts -------------------------------------------------------------------------
-    def _tap_module(self, model: str, blocks: str, index: int) -> nn.Module:
-        return getattr(self, model).get_submodule(blocks)[index].resnets[-1]
-
     def frozen_modules(self) -> dict[str, nn.Module]:
         """The pretrained, never-trained parts (their weights come from ``*_path``, not checkpoints)."""
         return {"unet": self.unet, "vae": self.vae}

@@ -5,16 +5,18 @@ from dataclasses import replace
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from storage.errors import InputError
 from xmask3d.clip import ClipConfig, ClipImageTower
 from xmask3d.mask_generator import (
+    FEATURE_TAPS,
     MaskClassifier,
     MaskGenerator,
     MaskGeneratorConfig,
     mask_generator_preset,
+    tap_modules,
 )
 
 COND, EMBED = 16, 24
@@ -245,6 +247,27 @@ def test_presets():
     )
     assert paper.mask_size == (128, 128) and paper.feature_channels == 512 and paper.noise == "fixed"
     assert mask_generator_preset("small").image_size == (256, 256)
+
+
+@pytest.mark.slow
+def test_small_preset_forward_backward():
+    torch.manual_seed(0)
+    gen = MaskGenerator(mask_generator_preset("small"), cond_dim=32, embed_dim=48)
+    out = gen(torch.rand(1, 3, 240, 320), torch.randn(1, 32))
+    assert out["pred_masks"].shape == (1, 50, 64, 64) and out["mask_embed"].shape == (1, 50, 48)
+    assert len(out["aux"]) == 6
+    out["mask_embed"].sum().backward()
+    assert gen.alpha_cond.grad is not None and all(p.grad is None for p in gen.unet.parameters())
+
+
+def test_paper_taps_are_the_official_features():
+    """SD 1.x layout (built on the meta device: no memory): tapped channels as spec §3."""
+    cfg = mask_generator_preset("paper")
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**cfg.unet), AutoencoderKL(**cfg.vae)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+    assert [m.in_channels for m in tap_modules(unet, vae)] == [512, 512, 512, 640, 512, 960, 1920, 2560]
+    assert [s for *_, s in FEATURE_TAPS] == [4, 4, 8, 8, 8, 16, 32, 32]
 
 
 def test_classifier_logits():
