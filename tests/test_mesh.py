@@ -141,3 +141,26 @@ def test_corrupt_and_missing_files(scene):
     (d / f"{SCENE}.aggregation.json").write_text("{not json")
     with pytest.raises(InputError, match=r"aggregation\.json: invalid JSON"):
         read_scannet_scene(d, tsv)
+
+
+def test_synthetic_scenes_read_back_as_generated(synthetic_scannet):
+    from preprocessing.synthetic import scannet_scene
+    from preprocessing.synthetic.categories import CATEGORIES
+
+    tsv = synthetic_scannet / "scannetv2-labels.combined.tsv"
+    for index in range(3):
+        scene = scannet_scene(0, index, small=True)
+        m = read_scannet_scene(synthetic_scannet / "scans" / scene.scene_id, tsv)
+        surf = scene.geometry.surface_grid(scene.size.mesh_spacing)
+        objects = scene.geometry.objects
+        annotated = np.array([o.annotated for o in objects])
+        nyu = np.array([CATEGORIES[o.category].nyu40 for o in objects])
+        raw = np.array([CATEGORIES[o.category].raw_id for o in objects])
+        np.testing.assert_array_equal(m.xyz, surf.xyz.astype(np.float32))
+        noise = np.random.default_rng([0, index, 2]).normal(0, 4.0, surf.xyz.shape)
+        rgb = scene.geometry.colors(surf.xyz, surf.normal, surf.object_id) + noise
+        np.testing.assert_array_equal(m.rgb, np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+        np.testing.assert_array_equal(m.nyu40, np.where(annotated[surf.object_id], nyu[surf.object_id], 0))
+        np.testing.assert_array_equal(m.category, np.where(annotated[surf.object_id], raw[surf.object_id], 0))
+        np.testing.assert_allclose(m.axis_alignment, scene.axis_alignment, atol=1e-6)
+        assert m.category.max() > 40  # ScanNet200 raw ids, not NYU40

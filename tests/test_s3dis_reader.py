@@ -58,3 +58,23 @@ def test_not_a_room(tmp_path):
     room = write_room(tmp_path, {"wall_1.txt": "\n"})
     with pytest.raises(InputError, match="no points"):
         read_s3dis_room(room)
+
+
+def test_synthetic_rooms_read_back_as_generated(synthetic_s3dis):
+    from preprocessing.synthetic import s3dis_room
+
+    for index in range(3):
+        spec = s3dis_room(0, index)
+        room_dir = synthetic_s3dis / "Stanford3dDataset_v1.2" / spec.area / spec.name
+        room = read_s3dis_room(room_dir, strict=True)
+        rng = np.random.default_rng([0, index, 11])
+        surf = spec.geometry.surface_grid(0.06, jitter=rng)
+        label = np.array([S3DIS_CLASSES.index(o.category) for o in spec.geometry.objects])[surf.object_id]
+        assert room.skipped_lines == 0 and len(room.xyz) == len(surf.xyz)
+        assert np.bincount(room.label, minlength=13).tolist() == np.bincount(label, minlength=13).tolist()
+        # files are concatenated in name order, the generator writes object by object: compare sorted
+        truth = np.round(surf.xyz, 6).astype(np.float32)  # the files hold 6 decimals
+        got = np.lexsort((room.label, *room.xyz.T))  # label breaks ties between coincident points
+        want = np.lexsort((label, *truth.T))
+        np.testing.assert_allclose(room.xyz[got], truth[want], atol=1e-5)
+        np.testing.assert_array_equal(room.label[got], label[want])
