@@ -6,11 +6,9 @@ or the Dask cluster at ``dask_address``. The store is the cache: a scene already
 store is skipped (unless ``overwrite``). A failing scene does not stop the others; the flow run
 ends Failed and names the failed scenes, and the good scenes stay in the store.
 
-Run it without a server (ephemeral API)::
-
-    python -m flows.preprocess --raw data/raw/scannet --out data/scannet.zarr
-
-or as the deployments ``preprocess/scannet`` and ``preprocess/s3dis`` (prefect.yaml).
+Run it without a server (ephemeral API) with ``xmask3d preprocess scannet --raw R --out S.zarr``
+(``python -m flows.preprocess`` for the defaults), or as the deployments ``preprocess/scannet`` and
+``preprocess/s3dis`` of prefect.yaml on a Prefect server and worker.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -36,6 +35,7 @@ from prefect_dask import DaskTaskRunner
 
 from preprocessing import pipeline
 from storage.errors import InputError
+from storage.store import open_store
 
 DATASETS = ("scannet", "s3dis")
 
@@ -44,55 +44,49 @@ class ScenesFailedError(RuntimeError):
     """Some scenes could not be preprocessed (the others are in the store)."""
 
 
-class ScenesInputError(InputError):
-    """Some scenes could not be preprocessed because their raw files are bad."""
-
-
 @task(name="download", task_run_name="download-{dataset}", retries=3, cache_policy=NO_CACHE,
       retry_delay_seconds=exponential_backoff(2))
 def download(dataset: str, raw_dir: str, url: str | None = None, mirror: str | None = None,
              scenes: list[str] | None = None) -> str:
-    """Fetch the raw files into ``raw_dir`` (complete files are kept, so a retry resumes)."""
-    logger = get_run_logger()
+    """Fetch the raw files into ``raw_dir`` (complete files are kept, so a retry resumes); -> raw_dir."""
     if dataset == "scannet":
         from preprocessing.scannet.download import download_scannet
 
-        paths = download_scannet(Path(raw_dir), url=url, mirror=Path(mirror) if mirror else None,
-                                 scenes=scenes)
-    else:
+        download_scannet(Path(raw_dir), url=url, mirror=Path(mirror) if mirror else None, scenes=scenes)
+        return raw_dir
+    try:
         from preprocessing.s3dis.download import download_s3dis
-
-        paths = download_s3dis(Path(raw_dir), url=url, mirror=Path(mirror) if mirror else None)
-    logger.info("%d raw files in %s", len(paths), raw_dir)
+    except ImportError as error:
+        raise InputError("no S3DIS downloader in this version: put Stanford3dDataset_v1.2 under raw_dir "
+                         "and run without url/mirror") from error
+    download_s3dis(Path(raw_dir), url=url, mirror=Path(mirror) if mirror else None)
     return raw_dir
 
 
-@task(name="list-scenes", task_run_name="list-{dataset}-scenes", cache_policy=NO_CACHE)
-def list_scenes(dataset: str, raw_dir: str, scenes: list[str] | None = None) -> list[str]:
-    """The scene (ScanNet) or room (S3DIS) ids to process; InputError for unknown ones."""
+@task(name="prepare-store", task_run_name="prepare-{dataset}-store", cache_policy=NO_CACHE)
+def prepare_store(dataset: str, raw_dir: str, store: str, scenes: list[str] | None = None,
+                  frame_step: int = 20, captions: str | None = None, text_encoder: str = "minilm",
+                  overwrite: bool = False) -> tuple[dict[str, str], pipeline.PreprocessConfig]:
+    """Validate the inputs, create or open the store; -> (scene id -> split, the scene config).
+
+    Every bad input (missing raw dir, unknown scene, missing captions, incompatible store) fails
+    here, before any Dask worker starts. ``captions``: None = ``raw_dir/captions.json`` if present,
+    ``"none"`` = no captions, else a caption JSON.
+    """
     raw = Path(raw_dir)
     if not raw.is_dir():
         raise InputError(f"raw dir {raw} does not exist")
-    available = list(pipeline.list_scannet_scenes(raw) if dataset == "scannet"
-                     else pipeline.list_s3dis_rooms(raw))
-    if scenes is None:
-        return available
-    unknown = [s for s in scenes if s not in available]
-    if unknown:
-        raise InputError(f"scene {unknown[0]} does not exist in {raw}"
-                         + (f" (and {len(unknown) - 1} more unknown)" if len(unknown) > 1 else ""))
-    return list(dict.fromkeys(scenes))
+    cfg = pipeline.PreprocessConfig(frame_step=frame_step, overwrite=overwrite, text_encoder=text_encoder,
+                                    captions=pipeline.resolve_captions(raw, captions) if dataset == "scannet"
+                                    else None)
+    return pipeline.prepare_store(dataset, raw, Path(store), cfg, scenes)
 
 
 @task(name="preprocess-scene", task_run_name="{dataset}-{scene_id}", cache_policy=NO_CACHE)
-def preprocess_scene(dataset: str, raw_dir: str, scene_id: str, store: str,
-                     cfg: pipeline.PreprocessConfig) -> pipeline.SceneSummary:
+def preprocess_scene(dataset: str, raw_dir: str, scene_id: str, store: str, cfg: pipeline.PreprocessConfig,
+                     split: str | None = None) -> pipeline.SceneSummary:
     """Decode, project, caption-embed and store one scene (a no-op if it is complete in the store)."""
-    fn = pipeline.preprocess_scannet_scene if dataset == "scannet" else pipeline.preprocess_s3dis_room
-    summary = fn(Path(raw_dir), scene_id, Path(store), cfg)
-    if summary.status == "failed":
-        raise InputError(f"{scene_id}: {summary.error}")
-    return summary
+    return pipeline.SCENE_FUNCTIONS[dataset](Path(raw_dir), scene_id, Path(store), cfg, split)
 
 
 def local_workers(workers: int | None, scenes: int) -> int:
@@ -144,55 +138,67 @@ def _dropped_text(dropped: dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items()) if n) or "none"
 
 
-def run_scenes(dataset: str, raw_dir: str, store: str, scene_ids: list[str], cfg: pipeline.PreprocessConfig,
-               dask_address: str | None, workers: int | None
-               ) -> tuple[list[pipeline.SceneSummary], dict[str, BaseException]]:
-    """Submit one task per scene to Dask; collect summaries and per-scene errors as they finish."""
+def skip_complete(store: str, listing: dict[str, str]) -> dict[str, pipeline.SceneSummary]:
+    """Summaries of the scenes already complete in the store (the store is the cache)."""
+    opened = open_store(store)
+    done = {}
+    for scene_id in listing:
+        if opened.is_complete(scene_id):
+            scene = opened.scene(scene_id)
+            done[scene_id] = pipeline.SceneSummary(
+                scene_id, "skipped", points=scene.num_points, frames_kept=scene.num_frames,
+                frames_dropped=dict(scene.attrs.get("dropped_frames") or {}))
+    return done
+
+
+def run_scenes(dataset: str, raw_dir: str, store: str, listing: dict[str, str],
+               cfg: pipeline.PreprocessConfig, dask_address: str | None = None, workers: int | None = None
+               ) -> dict[str, pipeline.SceneSummary]:
+    """Skip complete scenes, run one Dask task per other scene; -> a summary per scene, in order.
+
+    A scene whose task fails gets a ``failed`` summary naming the error; the others carry on.
+    """
     logger = get_run_logger()
-    summaries: list[pipeline.SceneSummary] = []
-    errors: dict[str, BaseException] = {}
-    progress = create_progress_artifact(0.0, key=f"preprocess-{dataset}-progress",
-                                        description=f"scenes done of {len(scene_ids)}")
-    with api_shared_with_workers(), dask_runner(dask_address, workers, len(scene_ids)) as runner:
-        futures = {runner.submit(preprocess_scene, {"dataset": dataset, "raw_dir": raw_dir, "scene_id": s,
-                                                    "store": store, "cfg": cfg}): s for s in scene_ids}
-        for done, future in enumerate(as_completed(list(futures)), start=1):
-            scene_id = futures[future]
-            try:
-                summary = future.result()
-            except Exception as error:  # one bad scene must not stop the others
-                errors[scene_id] = error
-                logger.error("scene %s failed: %s", scene_id, _one_line(error))
-            else:
-                summaries.append(summary)
-                if summary.status == "skipped":
-                    logger.info("skipped scene %s (complete in store)", scene_id)
+    summaries = {} if cfg.overwrite else skip_complete(store, listing)
+    for scene_id in summaries:
+        logger.info("skipped scene %s (complete in store)", scene_id)
+    todo = [s for s in listing if s not in summaries]
+    if todo:
+        worker_cfg = replace(cfg, show_progress=False) if len(todo) > 1 else cfg  # no interleaved bars
+        progress = create_progress_artifact(0.0, key=f"preprocess-{dataset}-progress",
+                                            description=f"{len(todo)} scenes to preprocess")
+        with api_shared_with_workers(), dask_runner(dask_address, workers, len(todo)) as runner:
+            futures = {}
+            for scene_id in todo:
+                parameters = {"dataset": dataset, "raw_dir": raw_dir, "scene_id": scene_id, "store": store,
+                              "cfg": worker_cfg, "split": listing[scene_id]}
+                futures[runner.submit(preprocess_scene, parameters)] = scene_id
+            for done, future in enumerate(as_completed(list(futures)), start=1):
+                scene_id = futures[future]
+                try:
+                    summary = future.result()
+                except Exception as error:  # one bad scene must not stop the others
+                    summary = pipeline.SceneSummary(scene_id, "failed",
+                                                    error=f"{type(error).__name__}: {_one_line(error)}")
+                    logger.error("scene %s failed: %s", scene_id, summary.error)
                 else:
                     logger.info("wrote scene %s: %d points, %d frames kept, dropped: %s", scene_id,
                                 summary.points, summary.frames_kept, _dropped_text(summary.frames_dropped))
-            update_progress_artifact(progress, 100.0 * done / len(scene_ids))
-    return summaries, errors
+                summaries[scene_id] = summary
+                update_progress_artifact(progress, 100.0 * done / len(todo))
+    return {scene_id: summaries[scene_id] for scene_id in listing}
 
 
-def publish_report(dataset: str, store: str, scene_ids: list[str], summaries: list[pipeline.SceneSummary],
-                   errors: dict[str, BaseException], seconds: float) -> None:
-    """Per-scene table artifact and a markdown summary of the run."""
-    by_id = {s.scene_id: s for s in summaries}
-    rows = []
-    for scene_id in scene_ids:
-        s = by_id.get(scene_id)
-        if s is None:
-            rows.append({"scene": scene_id, "points": None, "frames_kept": None, "frames_dropped": None,
-                         "status": "failed", "error": _one_line(errors[scene_id])})
-        else:
-            rows.append({"scene": scene_id, "points": s.points, "frames_kept": s.frames_kept,
-                         "frames_dropped": _dropped_text(s.frames_dropped), "status": s.status,
-                         "error": s.error or ""})
+def publish_report(dataset: str, store: str, summaries: list[pipeline.SceneSummary], seconds: float) -> None:
+    """Per-scene table artifact (points, frames kept, frames dropped and why) and a markdown summary."""
+    rows = [{"scene": s.scene_id, "status": s.status, "points": s.points, "frames_kept": s.frames_kept,
+             "frames_dropped": _dropped_text(s.frames_dropped), "error": s.error or ""} for s in summaries]
     create_table_artifact(rows, key=f"preprocess-{dataset}-scenes",
                           description=f"Scenes of {store}: points, frames kept, frames dropped and why")
-    counts = {status: sum(r["status"] == status for r in rows) for status in ("written", "skipped", "failed")}
+    counts = {k: sum(s.status == k for s in summaries) for k in ("written", "skipped", "failed")}
+    written = [s for s in summaries if s.status == "written"]
     dropped: dict[str, int] = {}
-    for s in summaries:
+    for s in written:
         for reason, n in s.frames_dropped.items():
             dropped[reason] = dropped.get(reason, 0) + n
     lines = [
@@ -202,14 +208,14 @@ def publish_report(dataset: str, store: str, scene_ids: list[str], summaries: li
         "",
         "| scenes | written | skipped (complete) | failed | points written | frames kept | seconds |",
         "|---|---|---|---|---|---|---|",
-        f"| {len(rows)} | {counts['written']} | {counts['skipped']} | {counts['failed']} "
-        f"| {sum(s.points for s in summaries if s.status == 'written')} "
-        f"| {sum(s.frames_kept for s in summaries if s.status == 'written')} | {seconds:.1f} |",
+        f"| {len(summaries)} | {counts['written']} | {counts['skipped']} | {counts['failed']} "
+        f"| {sum(s.points for s in written)} | {sum(s.frames_kept for s in written)} | {seconds:.1f} |",
         "",
-        f"Frames dropped: {_dropped_text(dropped)}.",
+        f"Frames dropped while writing: {_dropped_text(dropped)}.",
     ]
-    if errors:
-        lines += ["", "## Failed scenes", ""] + [f"- `{k}`: {_one_line(v)}" for k, v in errors.items()]
+    failed = [s for s in summaries if s.status == "failed"]
+    if failed:
+        lines += ["", "## Failed scenes", ""] + [f"- `{s.scene_id}`: {s.error}" for s in failed]
     create_markdown_artifact("\n".join(lines), key=f"preprocess-{dataset}-summary",
                              description=f"preprocess {dataset} run summary")
 
@@ -224,13 +230,16 @@ def preprocess(
     scenes: list[str] | None = None,
     frame_step: int = 20,
     captions: str | None = None,
+    text_encoder: str = "minilm",
     dask_address: str | None = None,
     workers: int | None = None,
     overwrite: bool = False,
 ) -> str:
     """Download (when ``url`` or ``mirror`` is given), then preprocess every scene; returns the store path.
 
-    Relative paths are resolved against the working directory of the flow run.
+    Relative paths are resolved against the working directory of the flow run. Raises InputError
+    on bad input (the run's state message) and ScenesFailedError, after the other scenes are
+    done, when some scenes failed.
     """
     logger = get_run_logger()
     start = time.monotonic()
@@ -240,39 +249,18 @@ def preprocess(
     out = str(Path(store).expanduser().resolve())
     if url or mirror:
         download(dataset, raw, url=url, mirror=mirror, scenes=scenes)
-    scene_ids = list_scenes(dataset, raw, scenes)
-    if not scene_ids:
-        raise InputError(f"no scenes found in {raw}")
-    cfg = pipeline.PreprocessConfig(frame_step=frame_step,
-                                    captions=Path(captions).expanduser().resolve() if captions else None,
-                                    overwrite=overwrite)
-    logger.info("preprocessing %d %s scenes from %s into %s", len(scene_ids), dataset, raw, out)
-    summaries, errors = run_scenes(dataset, raw, out, scene_ids, cfg, dask_address, workers)
-    publish_report(dataset, out, scene_ids, summaries, errors, time.monotonic() - start)
-    if errors:
-        listing = "; ".join(f"{k}: {_one_line(v)}" for k, v in errors.items())
-        error_type = ScenesInputError if all(isinstance(e, InputError) for e in errors.values()) \
-            else ScenesFailedError
-        raise error_type(f"{len(errors)} of {len(scene_ids)} scenes failed: {listing}")
+        logger.info("raw %s files in %s", dataset, raw)
+    listing, cfg = prepare_store(dataset, raw, out, scenes, frame_step, captions, text_encoder, overwrite)
+    logger.info("%d %s scenes from %s into %s", len(listing), dataset, raw, out)
+    summaries = list(run_scenes(dataset, raw, out, listing, cfg, dask_address, workers).values())
+    publish_report(dataset, out, summaries, time.monotonic() - start)
+    logger.info("%s\n%s", out, pipeline.format_summaries(summaries))
+    failed = [s for s in summaries if s.status == "failed"]
+    if failed:
+        raise ScenesFailedError(f"{len(failed)} of {len(summaries)} scenes failed: "
+                                + "; ".join(f"{s.scene_id}: {s.error}" for s in failed))
     return out
 
 
-if __name__ == "__main__":  # the guard a Dask LocalCluster of processes needs
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Run the preprocess flow on the ephemeral Prefect API.")
-    parser.add_argument("--dataset", default="scannet", choices=DATASETS)
-    parser.add_argument("--raw", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--url")
-    parser.add_argument("--mirror")
-    parser.add_argument("--scenes", help="comma-separated scene ids")
-    parser.add_argument("--frame-step", type=int, default=20)
-    parser.add_argument("--captions")
-    parser.add_argument("--dask-address")
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--overwrite", action="store_true")
-    a = parser.parse_args()
-    preprocess(dataset=a.dataset, raw_dir=a.raw, store=a.out, url=a.url, mirror=a.mirror,
-               scenes=a.scenes.split(",") if a.scenes else None, frame_step=a.frame_step, captions=a.captions,
-               dask_address=a.dask_address, workers=a.workers, overwrite=a.overwrite)
+if __name__ == "__main__":  # the guard a Dask LocalCluster of processes needs in a script
+    preprocess()

@@ -215,5 +215,5 @@ def test_bad_raw_dir_and_unknown_scene_fail_with_the_message(prefect_stack, synt
     assert result.returncode == 1
     state = prefect_stack.flow_run(run_id)["state"]
     assert state["type"] == "FAILED"
-    assert "scene scene0999_00 does not exist" in state["message"]
-    assert not (tmp_path / "b.zarr" / "scenes").exists()
+    assert "unknown scenes scene0999_00" in state["message"]
+    assert not (tmp_path / "b.zarr").exists()  # inputs are checked before the store is created

@@ -1,0 +1,152 @@
+"""The Prefect flows: task functions through ``.fn`` (no API), the preprocess flow on the ephemeral API.
+
+The flow tests share one ``prefect_test_harness`` (a temporary API server and database) for the
+session, since it takes seconds to start. The server-and-worker path is in test_prefect_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows import preprocess as pf
+from storage.errors import InputError
+from storage.store import open_store
+from tests.http_server import serve_directory
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def scene_ids(raw: Path) -> list[str]:
+    return sorted(p.name for p in (Path(raw) / "scans").iterdir())
+
+
+def linked_copy(raw: Path, dst: Path) -> Path:
+    """``raw`` as a tree of symlinks (cheap), so a test can replace single files."""
+    for path in Path(raw).rglob("*"):
+        target = dst / path.relative_to(raw)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+    return dst
+
+
+# --- tasks, without an API ----------------------------------------------------------------------
+
+
+def test_prepare_store_names_a_missing_raw_dir_and_an_unknown_scene(synthetic_scannet, tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(InputError, match=f"raw dir {missing} does not exist"):
+        pf.prepare_store.fn("scannet", str(missing), str(tmp_path / "a.zarr"))
+    with pytest.raises(InputError, match="scene0999_00"):
+        pf.prepare_store.fn("scannet", str(synthetic_scannet), str(tmp_path / "b.zarr"),
+                            scenes=["scene0999_00"], captions="none")
+    assert not (tmp_path / "a.zarr").exists()
+    assert not (tmp_path / "b.zarr").exists()  # validation happens before the store is created
+
+
+def test_preprocess_scene_task_writes_a_scene_then_skips_it(synthetic_scannet, tmp_path):
+    first = scene_ids(synthetic_scannet)[0]
+    store = str(tmp_path / "s.zarr")
+    listing, cfg = pf.prepare_store.fn("scannet", str(synthetic_scannet), store, scenes=[first],
+                                       captions="none")
+    assert list(listing) == [first]
+    summary = pf.preprocess_scene.fn("scannet", str(synthetic_scannet), first, store, cfg, listing[first])
+    assert summary.status == "written" and summary.points > 0 and summary.frames_kept > 0
+    assert open_store(store).scene_ids() == [first]
+    again = pf.preprocess_scene.fn("scannet", str(synthetic_scannet), first, store, cfg, listing[first])
+    assert again.status == "skipped"
+    skipped = pf.skip_complete(store, listing)[first]
+    assert (skipped.points, skipped.frames_kept) == (summary.points, summary.frames_kept)
+
+
+def test_download_task_fetches_over_http_and_retries_with_backoff(synthetic_scannet, tmp_path):
+    assert pf.download.retries == 3 and pf.download.retry_delay_seconds == [2, 4, 8]
+    first = scene_ids(synthetic_scannet)[0]
+    raw = tmp_path / "raw"
+    with serve_directory(Path(synthetic_scannet)) as url:
+        assert pf.download.fn("scannet", str(raw), url=url, scenes=[first]) == str(raw)
+    source = Path(synthetic_scannet) / "scans" / first / f"{first}.sens"
+    assert (raw / "scans" / first / f"{first}.sens").read_bytes() == source.read_bytes()
+    assert scene_ids(raw) == [first]
+
+
+def test_local_workers_are_bounded_by_scenes_and_validated():
+    assert pf.local_workers(4, 2) == 2
+    assert pf.local_workers(1, 5) == 1
+    assert pf.local_workers(None, 1) == 1
+    with pytest.raises(InputError, match="workers"):
+        pf.local_workers(0, 3)
+
+
+# --- the flow on the ephemeral API ----------------------------------------------------------------
+
+
+def _read(flow_run_id, key: str) -> list[dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    assert found, f"no artifact {key}"
+    return json.loads(found[0].data) if found[0].type == "table" else [{"markdown": found[0].data}]
+
+
+def _logs(flow_run_id) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10, at_exit=False)  # logs are sent in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(entry.message for entry in logs)
+
+
+@pytest.mark.slow
+def test_flow_keeps_good_scenes_when_one_fails_and_skips_them_on_rerun(prefect_api, synthetic_scannet,
+                                                                       tmp_path):
+    good, bad = scene_ids(synthetic_scannet)[:2]
+    raw = linked_copy(Path(synthetic_scannet), tmp_path / "raw")
+    sens = raw / "scans" / bad / f"{bad}.sens"
+    sens.unlink()
+    sens.write_bytes(b"not a sens file")
+    store = tmp_path / "s.zarr"
+
+    state = pf.preprocess(raw_dir=str(raw), store=str(store), scenes=[good, bad], captions="none", workers=1,
+                          return_state=True)
+    assert state.is_failed()
+    assert f"1 of 2 scenes failed: {bad}" in state.message
+    assert open_store(store).scene_ids() == [good]  # the good scene is stored, the bad one is not
+    table = _read(state.state_details.flow_run_id, "preprocess-scannet-scenes")
+    assert [(r["scene"], r["status"]) for r in table] == [(good, "written"), (bad, "failed")]
+    assert table[0]["points"] > 0 and table[0]["frames_kept"] > 0
+    assert f"scene {bad} failed: InputError" in _logs(state.state_details.flow_run_id)
+    assert "failed" in _read(state.state_details.flow_run_id, "preprocess-scannet-summary")[0]["markdown"]
+
+    state = pf.preprocess(raw_dir=str(raw), store=str(store), scenes=[good], captions="none", workers=1,
+                          return_state=True)
+    assert state.is_completed()
+    assert state.result() == str(store.resolve())
+    assert f"skipped scene {good} (complete in store)" in _logs(state.state_details.flow_run_id)
+
+
+@pytest.mark.slow
+def test_flow_fails_with_the_bad_input_message(prefect_api, tmp_path):
+    missing = tmp_path / "nowhere"
+    state = pf.preprocess(raw_dir=str(missing), store=str(tmp_path / "s.zarr"), return_state=True)
+    assert state.is_failed() and f"raw dir {missing} does not exist" in state.message
+    with pytest.raises(InputError, match="does not exist"):  # a direct call raises the error itself
+        pf.preprocess(raw_dir=str(missing), store=str(tmp_path / "s.zarr"))
