@@ -152,9 +152,30 @@ def train(
     benchmark: Annotated[str, typer.Option(help="e.g. scannet20-b15n4")],
     preset: Annotated[str, typer.Option(help="tiny|small|paper")] = "tiny",
     resume: Annotated[str | None, typer.Option(help="run id or checkpoint to resume")] = None,
+    epochs: Annotated[int | None, typer.Option(help="override the preset's epochs")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default $MLFLOW_TRACKING_URI, "
+                                                          "else sqlite:///mlruns.db)")] = None,
 ) -> None:
     """Train XMask3D on one benchmark, tracked in MLflow."""
-    not_implemented("train")
+    import logging
+
+    from xmask3d.tracking import promote_if_better
+    from xmask3d.train import train as run_training
+    from xmask3d.train import train_preset
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
+    result = run_training(store, benchmark, preset, train_preset(preset, **overrides),
+                          tracking_uri=tracking_uri, resume=resume)
+    if result.evaluation is not None:
+        typer.echo(result.evaluation.table())
+    promoted = False
+    if result.model_version is not None and "fused/hiou" in result.metrics:
+        hiou = result.metrics["fused/hiou"]
+        promoted = promote_if_better(tracking_uri, benchmark, result.model_version, hiou)
+    typer.echo(f"MLflow run {result.run_id}; checkpoint {result.checkpoint_path}; model {result.model_uri}"
+               + (" (now champion)" if promoted else ""))
 
 
 @app.command()
@@ -163,23 +184,39 @@ def evaluate(
     store: Annotated[Path, typer.Option(help="preprocessed store")],
     benchmark: Annotated[str, typer.Option(help="e.g. scannet20-b15n4")],
     model: Annotated[str, typer.Option(help="models:/xmask3d-NAME@champion, a run id or a checkpoint")],
+    max_views: Annotated[int, typer.Option(help="views per scene (0 = all, the official protocol)")] = 0,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default $MLFLOW_TRACKING_URI)")
+                            ] = None,
 ) -> None:
     """Evaluate a model: mIoU base / novel / hIoU for the 3D, 2D and fused heads."""
-    not_implemented("evaluate")
+    from xmask3d.evaluate import evaluate as run_evaluation
+
+    result = run_evaluation(store, benchmark, model, tracking_uri=tracking_uri, max_views=max_views)
+    typer.echo(result.table())
+    typer.echo(f"MLflow run {result.run_id}")
 
 
 @app.command("model-summary")
 @user_errors
 def model_summary(preset: Annotated[str, typer.Option(help="tiny|small|paper")] = "tiny") -> None:
     """Print parameter counts per component of a preset."""
-    not_implemented("model-summary")
+    from xmask3d.model import summary
+
+    typer.echo(summary(preset))
 
 
 @app.command()
 @user_errors
 def demo(out: Annotated[Path, typer.Option(help="demo output directory")] = Path("demo_output")) -> None:
     """Synthetic data -> preprocess -> train (tiny) -> evaluate, on CPU."""
-    not_implemented("demo")
+    import logging
+
+    from xmask3d.demo import report, run_demo
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("distributed", "mlflow", "sentence_transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    typer.echo(report(run_demo(out)))
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -213,7 +213,7 @@ def predict_scenes(loaded: LoadedModel, store_path: Path, bench: Benchmark, scen
     store = open_store(store_path)
     text = F.normalize(loaded.encoder.encode(list(bench.class_names)).float(), dim=-1)
     is_base = torch.zeros(bench.num_classes, dtype=torch.bool)
-    is_base[torch.as_tensor(bench.base_indices)] = True
+    is_base[torch.tensor(np.asarray(bench.base_indices).tolist(), dtype=torch.long)] = True
     loaded.model.eval()
     by_scene: dict[str, list[int]] = {}
     for i, (scene_id, _) in enumerate(dataset.items):

@@ -403,6 +403,7 @@ class TrainResult:
     model_version: str | None = None
     experiment_id: str | None = None
     steps: int = 0
+    evaluation: Any = None  # xmask3d.evaluate.Evaluation (table(), per-class IoU) when evaluated
 
     @property
     def checkpoint(self) -> Path:
@@ -563,7 +564,7 @@ def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, mo
                  checkpoint_dir=checkpoint_dir, meta=meta, resume=payload, on_log=on_log, info=info)
     ckpt = checkpoint_dir / LAST_NAME
     metrics: dict[str, float] = {}
-    model_uri = version = None
+    model_uri = version = evaluation = None
     if info.is_main:
         run.log_artifact(ckpt, "checkpoints")
         if cfg.evaluate:
@@ -581,4 +582,4 @@ def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, mo
     _barrier(info)
     return TrainResult(run_id=run_id, checkpoint_path=ckpt, model_uri=model_uri, metrics=metrics,
                        model_version=version, experiment_id=run.experiment_id if run else None,
-                       steps=fitted.step)
+                       steps=fitted.step, evaluation=evaluation)
