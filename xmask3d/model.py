@@ -1,0 +1,253 @@
+"""The assembled XMask3D network (XMASK3D_SPEC.md §2-§4).
+
+One view per sample. The 3D branch gives per-point features (text space) and a global 3D vector;
+the global vector conditions the diffusion mask generator, whose masks are classified against the
+base-class text embeddings; the final (disjoint) 2D masks give covered points a 2D feature, merged
+with the 3D feature; MaskCLIP embeddings of the raw masks regularise the 3D features.
+
+``forward`` (training) returns what ``xmask3d.losses.compute_losses`` needs; ``infer``
+(evaluation) returns per-point features, final masks and their MaskCLIP embeddings, with the
+official eval-time query dropping and binary gating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from xmask3d.backbone3d import Backbone3D, BinaryHead
+from xmask3d.clip import ClipImageTower
+from xmask3d.config import ModelConfig, preset, text_dim
+from xmask3d.fusion import (
+    FeatureMerger,
+    assign_pixels,
+    gate_query_logits,
+    lookup_points,
+    point_mask_features,
+    point_query_probs,
+    query_binary_mean,
+    query_scores,
+    upsample_masks,
+)
+from xmask3d.losses import mask_confidence
+from xmask3d.mask_generator import MaskClassifier, MaskGenerator
+
+
+class XMask3D(nn.Module):
+    """3D UNet + binary head + 3D-conditioned diffusion mask generator + MaskCLIP + fusion."""
+
+    def __init__(self, cfg: ModelConfig, text_dim: int, null_init: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.text_dim = text_dim
+        self.backbone3d = Backbone3D(cfg.backbone, text_dim)
+        self.binary_head = BinaryHead(cfg.backbone)
+        self.mask_generator = MaskGenerator(cfg.mask_generator, cond_dim=text_dim, embed_dim=text_dim)
+        self.classifier = MaskClassifier(text_dim, null_init)
+        self.clip = ClipImageTower(cfg.clip, text_dim)
+        self.merger = FeatureMerger(text_dim) if cfg.fusion else None
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Pretrained parts that are never trained (SD UNet, VAE, CLIP image tower)."""
+        return {**self.mask_generator.frozen_modules(), "clip": self.clip.visual}
+
+    # ------------------------------------------------------------------------------------------
+    def _inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        device = self.classifier.logit_scale.device
+        keys = ("voxel_coord", "voxel_feat", "inverse", "uv", "batch_index", "image")
+        out = {k: torch.as_tensor(batch[k]).to(device) for k in keys}
+        out["images"] = out.pop("image").float() / 255.0
+        return out
+
+    def encode_3d(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        b = x["images"].shape[0]
+        feat = x["voxel_feat"].float()
+        out = self.backbone3d(x["voxel_coord"], feat, x["inverse"], b)
+        out["binary_logit"] = self.binary_head(x["voxel_coord"], feat, x["inverse"], b)
+        return out
+
+    def _fuse(self, x, feats_3d, point_mask, mask_embed):
+        feats_2d, covered = point_mask_features(point_mask, mask_embed, x["batch_index"])
+        fused = self.merger(feats_3d, feats_2d, covered) if self.merger is not None else feats_3d
+        return feats_2d, covered, fused
+
+    def forward(self, batch: dict[str, Any], base_text: torch.Tensor, epoch: int = 0) -> dict[str, Any]:
+        """Training forward for one collated batch; ``base_text`` [C, D] = base-class text embeddings.
+
+        -> pred_logits [B,Q,C+1], pred_masks [B,Q,h,w], aux (list of the same), feats_3d /
+        feats_2d / feats_fused [N,D], covered [N], point_mask [N] (query id, -1 none),
+        logits_3d_fused / logits_3d_pure [N,C(+1)], binary_logit [N], image_size (H,W), and when
+        the mask regularisation is active: point_probs [N,Q], mask_confidence [B,Q], mask_clip [B,Q,D].
+        """
+        x = self._inputs(batch)
+        base_text = base_text.to(x["images"].device, torch.float32)
+        size = tuple(x["images"].shape[-2:])
+        three = self.encode_3d(x)
+        feats_3d = three["point_feat"]
+        generated = self.mask_generator(x["images"], three["global_3d"])
+        pred_masks, mask_embed = generated["pred_masks"], generated["mask_embed"]
+        pred_logits = self.classifier.logits(mask_embed, base_text, with_null=True)
+        aux = [
+            {
+                "pred_logits": self.classifier.logits(a["mask_embed"], base_text, with_null=True),
+                "pred_masks": a["pred_masks"],
+            }
+            for a in generated["aux"]
+        ]
+        contra = self.cfg.loss.contra_active(epoch)
+        with torch.no_grad():
+            probs = upsample_masks(pred_masks.detach().float(), size)
+            point_mask = lookup_points(
+                assign_pixels(probs, query_scores(pred_logits)), x["uv"], x["batch_index"]
+            )
+            extra = {}
+            if contra:
+                extra["point_probs"] = point_query_probs(probs, x["uv"], x["batch_index"])
+                extra["mask_confidence"] = mask_confidence(probs)
+                extra["mask_clip"] = self.clip.mask_embed(x["images"], pred_masks.detach())
+            del probs
+        feats_2d, covered, fused = self._fuse(x, feats_3d, point_mask, mask_embed)
+        with_null = self.cfg.loss.ce_null_column
+        return {
+            "pred_logits": pred_logits,
+            "pred_masks": pred_masks,
+            "aux": aux,
+            "feats_3d": feats_3d,
+            "feats_2d": feats_2d,
+            "covered": covered,
+            "feats_fused": fused,
+            "point_mask": point_mask,
+            "logits_3d_fused": self.classifier.point_logits(fused, base_text, with_null),
+            "logits_3d_pure": self.classifier.point_logits(feats_3d, base_text, with_null),
+            "binary_logit": three["binary_logit"],
+            "global_3d": three["global_3d"],
+            "image_size": size,
+            **extra,
+        }
+
+    @torch.no_grad()
+    def infer(
+        self, batch: dict[str, Any], all_text: torch.Tensor, is_base: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """Evaluation forward (call ``model.eval()`` first); ``all_text`` [T, D] = every class.
+
+        Queries whose raw mask (prob > 0.5) covers no point of the view are dropped. With
+        ``is_base`` (bool [T]) the query logits are gated by the mask's mean binary probability
+        before the final masks are formed (official eval, spec §4 step 3); without it they are not.
+        -> feats_3d, feats_2d, covered, feats_fused [N,D], binary_logit [N], point_mask [N] (query
+        id within the view, -1 none), mask_logits [B,Q,T+1] (gated if is_base), mask_keep [B,Q],
+        mask_binary [B,Q] (mean binary prob over the mask's points), mask_clip [B,Q,D] (MaskCLIP),
+        logit_scale (float).
+        """
+        x = self._inputs(batch)
+        all_text = all_text.to(x["images"].device, torch.float32)
+        b, size = x["images"].shape[0], tuple(x["images"].shape[-2:])
+        three = self.encode_3d(x)
+        feats_3d, binary_logit = three["point_feat"], three["binary_logit"]
+        generated = self.mask_generator(x["images"], three["global_3d"])
+        pred_masks, mask_embed = generated["pred_masks"], generated["mask_embed"]
+        logits = self.classifier.logits(mask_embed, all_text, with_null=True)
+        probs = upsample_masks(pred_masks.float(), size)
+        point_probs = point_query_probs(probs, x["uv"], x["batch_index"])
+        mask_binary, count = query_binary_mean(point_probs, binary_logit.sigmoid(), x["batch_index"], b)
+        keep = count > 0
+        if is_base is not None:
+            logits = gate_query_logits(logits, mask_binary, is_base.to(torch.bool), self.cfg.binary_2d_thresh)
+        pixel = assign_pixels(probs, query_scores(logits), keep)
+        point_mask = lookup_points(pixel, x["uv"], x["batch_index"])
+        feats_2d, covered, fused = self._fuse(x, feats_3d, point_mask, mask_embed)
+        return {
+            "feats_3d": feats_3d,
+            "feats_2d": feats_2d,
+            "covered": covered,
+            "feats_fused": fused,
+            "binary_logit": binary_logit,
+            "point_mask": point_mask,
+            "mask_logits": logits,
+            "mask_keep": keep,
+            "mask_binary": mask_binary,
+            "mask_clip": self.clip.mask_embed(x["images"], pred_masks),
+            "logit_scale": float(self.classifier.scale),
+        }
+
+
+def build_model(
+    preset_or_cfg: str | ModelConfig, text_dim: int, null_init: torch.Tensor | None = None
+) -> XMask3D:
+    """``XMask3D`` from a preset name (tiny|small|paper) or a ``ModelConfig``."""
+    cfg = preset(preset_or_cfg) if isinstance(preset_or_cfg, str) else preset_or_cfg
+    return XMask3D(cfg, text_dim, null_init)
+
+
+def parameter_groups(model: XMask3D, lr_3d: float = 1e-3, lr_other: float = 1e-4) -> list[dict[str, Any]]:
+    """AdamW groups as the official trainer: the 3D UNet + binary head at ``lr_3d``, every other
+    trainable parameter at ``lr_other``; frozen parameters (requires_grad False) are left out."""
+    three_d = {id(p) for m in (model.backbone3d, model.binary_head) for p in m.parameters()}
+    group_3d, group_other = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (group_3d if id(p) in three_d else group_other).append(p)
+    return [
+        {"name": "3d", "params": group_3d, "lr": lr_3d},
+        {"name": "other", "params": group_other, "lr": lr_other},
+    ]
+
+
+def parameter_counts(model: XMask3D) -> dict[str, tuple[int, int]]:
+    """Per component (trainable, frozen) parameter counts; works on the meta device too."""
+    parts: dict[str, nn.Module] = {
+        "backbone3d": model.backbone3d,
+        "binary_head": model.binary_head,
+        "sd_unet": model.mask_generator.unet,
+        "sd_vae": model.mask_generator.vae,
+        "mask_generator_head": model.mask_generator,  # minus the frozen SD parts, below
+        "classifier": model.classifier,
+        "clip_image": model.clip,
+    }
+    if model.merger is not None:
+        parts["fusion"] = model.merger
+    seen: set[int] = set()
+    counts: dict[str, tuple[int, int]] = {}
+    for name, module in parts.items():
+        trainable = frozen = 0
+        for p in module.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.requires_grad:
+                trainable += p.numel()
+            else:
+                frozen += p.numel()
+        counts[name] = (trainable, frozen)
+    return counts
+
+
+def summary(name: str) -> str:
+    """Parameter counts per component (trainable / frozen) of a preset, as a text table.
+
+    The network is built on the meta device (no memory, no weights). The paper CLIP tower is built
+    from its open_clip config dict, because open_clip's ``create_model`` moves models to a real device.
+    """
+    import open_clip
+
+    cfg = preset(name)
+    if cfg.clip.model_cfg is None:
+        model_cfg = open_clip.get_model_config(cfg.clip.model_name)
+        cfg = replace(cfg, clip=replace(cfg.clip, model_name="", model_cfg=model_cfg))
+    dim = text_dim(cfg.text_encoder)
+    with torch.device("meta"):
+        model = XMask3D(cfg, dim)
+    counts = parameter_counts(model)
+    lines = [
+        f"preset {name}: text space {cfg.text_encoder} ({dim}-d)",
+        f"{'component':<22}{'trainable':>15}{'frozen':>15}",
+    ]
+    for part, (trainable, frozen) in counts.items():
+        lines.append(f"{part:<22}{trainable:>15,}{frozen:>15,}")
+    total_t = sum(t for t, _ in counts.values())
+    total_f = sum(f for _, f in counts.values())
+    lines.append(f"{'total':<22}{total_t:>15,}{total_f:>15,}")
+    return "\n".join(lines)
