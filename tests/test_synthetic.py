@@ -425,13 +425,20 @@ def test_cli_bad_input(tmp_path: Path):
     before = sorted(p.name for p in tmp_path.iterdir())
     for args in (["synth", "scannet", str(afile), "--small"], ["synth", "s3dis", str(afile)],
                  ["synth", "scannet", str(tmp_path / "new"), "--scenes", "0"],
-                 ["synth", "s3dis", str(tmp_path / "new2"), "--rooms", "0"]):
+                 ["synth", "s3dis", str(tmp_path / "new2"), "--rooms", "0"],
+                 ["synth", "scannet", str(tmp_path / "new3"), "--seed", "-1"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert len(lines) == 1 and "error" in lines[0], result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert afile.read_text() == "x"
+    # OUT exists but its scans/ is a file: refused before anything is written
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scans").write_text("not a directory")
+    result = runner.invoke(app, ["synth", "scannet", str(tmp_path / "out"), "--small"])
+    assert result.exit_code == 2 and "scans" in result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scans"]
 
 
 S3DIS_LINE = re.compile(r"^-?\d+\.\d{6} -?\d+\.\d{6} -?\d+\.\d{6} \d{1,3} \d{1,3} \d{1,3}$")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from preprocessing.synthetic.geometry import SceneGeometry
 from preprocessing.synthetic.layout import LayoutError, Placed, _aabb, _try_layout, build_geometry
-from storage.errors import InputError
+from preprocessing.synthetic.scannet import check_out_dir
 
 S3DIS_CLASSES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair", "sofa",
                  "bookcase", "board", "clutter")
@@ -141,11 +141,7 @@ def write_s3dis(out_dir: Path, rooms: int = 2, seed: int = 0, spacing: float = 0
 
     Each room is written into a temporary directory and renamed when complete.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: exists and is not a directory")
-    if rooms < 1:
-        raise InputError(f"--rooms must be at least 1 (got {rooms})")
+    out_dir = check_out_dir(out_dir, "Stanford3dDataset_v1.2", rooms, "rooms", seed)
     root = out_dir / "Stanford3dDataset_v1.2"
     ids = []
     for index in tqdm(range(rooms), desc="synthetic S3DIS", unit="room", disable=not progress):

@@ -265,10 +265,16 @@ def write_scene(scene: ScanNetScene, scene_dir: Path, progress: bool = True) -> 
     return captions
 
 
-def _check_out_dir(out_dir: Path) -> Path:
+def check_out_dir(out_dir: Path, sub: str, count: int, what: str, seed: int) -> Path:
+    """Validate the arguments before anything is written (InputError with a one-line message)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: exists and is not a directory")
+    for path in (out_dir, out_dir / sub):
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{path}: exists and is not a directory")
+    if count < 1:
+        raise InputError(f"--{what} must be at least 1 (got {count})")
+    if seed < 0:
+        raise InputError(f"--seed must be non-negative (got {seed})")
     return out_dir
 
 
@@ -285,9 +291,7 @@ def write_scannet(out_dir: Path, scenes: int = 3, small: bool = False, seed: int
     Each scene is written into a temporary directory and renamed when complete, so an interrupted
     run never leaves a complete-looking scene. The last max(1, scenes // 4) scenes form the val split.
     """
-    out_dir = _check_out_dir(out_dir)
-    if scenes < 1:
-        raise InputError(f"--scenes must be at least 1 (got {scenes})")
+    out_dir = check_out_dir(out_dir, "scans", scenes, "scenes", seed)
     scans = out_dir / "scans"
     scans.mkdir(parents=True, exist_ok=True)
     ids: list[str] = []
