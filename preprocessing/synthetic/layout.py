@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from preprocessing.synthetic.categories import CATEGORIES
 from preprocessing.synthetic.geometry import SceneGeometry, SceneObject, rot_z
 
 Range = tuple[float, float]
@@ -175,7 +176,7 @@ class Placed:
         return np.array([c[0], c[1], c[2] + hh[2]]), np.array(hh)
 
 
-def _aabb(center: np.ndarray, yaw: float, size: tuple[float, float, float], grow_front: float = 0.0):
+def aabb(center: np.ndarray, yaw: float, size: tuple[float, float, float], grow_front: float = 0.0):
     w, d, h = size
     local = np.array([[sx * w / 2, sy * d / 2 + (grow_front if sy > 0 else 0.0)]
                       for sx in (-1, 1) for sy in (-1, 1)])
@@ -195,13 +196,13 @@ def layout_room(room_type: str, rng: np.random.Generator, max_tries: int = 30):
     scene_type, size_ranges, recipe = ROOM_TYPES[room_type]
     for _ in range(max_tries):
         dims = tuple(float(rng.uniform(*r)) for r in size_ranges)
-        placed = _try_layout(recipe, dims, rng)
+        placed = try_layout(recipe, dims, rng)
         if placed is not None:
             return scene_type, dims, placed
     raise LayoutError(f"could not lay out a {room_type} room in {max_tries} tries")
 
 
-def _try_layout(recipe, dims, rng, fixed: list[Placed] | None = None) -> list[Placed] | None:
+def try_layout(recipe, dims, rng, fixed: list[Placed] | None = None) -> list[Placed] | None:
     """One attempt at placing `recipe` around the `fixed` objects; None if a required one did not fit."""
     placed: list[Placed] = list(fixed or [])
     for category, lo, hi, prob in recipe:
@@ -283,7 +284,7 @@ def _place(category: str, item: Item, dims, placed: list[Placed], rng) -> Placed
             direction = rot_z(parent.yaw)[:2, :2] @ np.array([-sx, -sy])
             # the chair's front (+y local) faces the table
             yaw = float(np.arctan2(-direction[0], direction[1]) + rng.normal(0, 0.1))
-        lo, hi = _aabb(center, yaw, size, grow)
+        lo, hi = aabb(center, yaw, size, grow)
         if item.place in ("floor", "around") and hi[2] > 1.15:
             continue  # the camera path (1.35 m and up) stays free above the middle of the room
         if item.place == "on" and hi[2] > 1.25 and parent.place != "wall":
@@ -294,17 +295,11 @@ def _place(category: str, item: Item, dims, placed: list[Placed], rng) -> Placed
             ok = _fits(lo, hi, placed, dims, pad=0.02)
         if not ok:
             continue
-        tint = np.array(_base_color(category)) * rng.uniform(0.85, 1.15, 3)
+        tint = np.array(CATEGORIES[category].color) * rng.uniform(0.85, 1.15, 3)
         color = tuple(float(v) for v in np.clip(tint, 0, 255))
         return Placed(category, center, float(yaw), size, item.shape, item.place, category != "object", color,
                       lo, hi)
     return None
-
-
-def _base_color(category: str) -> tuple[int, int, int]:
-    from preprocessing.synthetic.categories import CATEGORIES
-
-    return CATEGORIES[category].color
 
 
 def build_geometry(dims, placed: list[Placed], yaw: float, offset: np.ndarray,
@@ -315,8 +310,6 @@ def build_geometry(dims, placed: list[Placed], yaw: float, offset: np.ndarray,
     Object ids: walls (y=0, x=W, y=D, x=0) are 0..3, floor 4, ceiling 5, then `placed` in order.
     `structure` renames the room surfaces' categories (e.g. for S3DIS).
     """
-    from preprocessing.synthetic.categories import CATEGORIES
-
     names = {"wall": "wall", "floor": "floor", "ceiling": "ceiling", **(structure or {})}
     colors = structure_colors or {k: CATEGORIES[k].color for k in ("wall", "floor", "ceiling")}
     width, depth, height = dims

@@ -9,17 +9,15 @@ ray-cast from the same rooms later.
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from preprocessing.synthetic.files import check_out_dir, fresh_temp_dir, move_into_place
 from preprocessing.synthetic.geometry import SceneGeometry
-from preprocessing.synthetic.layout import LayoutError, Placed, _aabb, _try_layout, build_geometry
-from preprocessing.synthetic.scannet import check_out_dir
+from preprocessing.synthetic.layout import LayoutError, Placed, aabb, build_geometry, try_layout
 
 S3DIS_CLASSES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair", "sofa",
                  "bookcase", "board", "clutter")
@@ -81,7 +79,7 @@ def s3dis_room(seed: int, index: int) -> S3DISRoomSpec:
     size_ranges, recipe = S3DIS_ROOMS[room_type]
     for _ in range(30):
         dims = tuple(float(rng.uniform(*r)) for r in size_ranges)
-        placed = _try_layout(recipe, dims, rng, fixed=_beams_and_columns(dims, rng))
+        placed = try_layout(recipe, dims, rng, fixed=_beams_and_columns(dims, rng))
         if placed is not None:
             break
     else:
@@ -104,7 +102,7 @@ def _beams_and_columns(dims, rng: np.random.Generator) -> list[Placed]:
     column = Placed("column", np.array([cw / 2, cd / 2, 0.0]), 0.0, (cw, cd, height), "box", "wall",
                     color=(180.0, 178.0, 170.0))
     for obj in (beam, column):
-        obj.lo, obj.hi = _aabb(obj.center, obj.yaw, obj.size)
+        obj.lo, obj.hi = aabb(obj.center, obj.yaw, obj.size)
     return [beam, column]
 
 
@@ -148,17 +146,8 @@ def write_s3dis(out_dir: Path, rooms: int = 2, seed: int = 0, spacing: float = 0
         spec = s3dis_room(seed, index)
         area_dir = root / spec.area
         area_dir.mkdir(parents=True, exist_ok=True)
-        tmp = area_dir / f".tmp-{spec.name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = fresh_temp_dir(area_dir, spec.name)
         write_room(spec, tmp, spacing, seed, index)
-        final = area_dir / spec.name
-        if final.exists():
-            old = area_dir / f".old-{spec.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        move_into_place(tmp, area_dir / spec.name)
         ids.append(spec.room_id)
     return ids

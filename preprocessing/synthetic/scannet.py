@@ -12,8 +12,6 @@ rebuilds a scene's geometry, cameras and intrinsics without writing anything (fo
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from tqdm import tqdm
 
 from preprocessing.synthetic.captions import make_caption, visible_objects
 from preprocessing.synthetic.categories import CATEGORIES, tsv_rows
+from preprocessing.synthetic.files import check_out_dir, fresh_temp_dir, move_into_place, write_text_atomic
 from preprocessing.synthetic.geometry import SceneGeometry, rot_z
 from preprocessing.synthetic.layout import ROOM_CYCLE, build_geometry, layout_room
 from preprocessing.synthetic.ply import write_ply
@@ -34,7 +33,6 @@ from preprocessing.synthetic.sens import (
     synthetic_imu,
     write_sens,
 )
-from storage.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -265,25 +263,6 @@ def write_scene(scene: ScanNetScene, scene_dir: Path, progress: bool = True) -> 
     return captions
 
 
-def check_out_dir(out_dir: Path, sub: str, count: int, what: str, seed: int) -> Path:
-    """Validate the arguments before anything is written (InputError with a one-line message)."""
-    out_dir = Path(out_dir)
-    for path in (out_dir, out_dir / sub):
-        if path.exists() and not path.is_dir():
-            raise InputError(f"{path}: exists and is not a directory")
-    if count < 1:
-        raise InputError(f"--{what} must be at least 1 (got {count})")
-    if seed < 0:
-        raise InputError(f"--seed must be non-negative (got {seed})")
-    return out_dir
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_scannet(out_dir: Path, scenes: int = 3, small: bool = False, seed: int = 0,
                   progress: bool = True) -> list[str]:
     """Write `scenes` synthetic scenes in the raw ScanNet v2 layout under `out_dir`; returns scene ids.
@@ -298,25 +277,16 @@ def write_scannet(out_dir: Path, scenes: int = 3, small: bool = False, seed: int
     captions: dict[str, dict[str, str]] = {}
     for index in tqdm(range(scenes), desc="synthetic ScanNet", unit="scene", disable=not progress):
         scene = scannet_scene(seed, index, small)
-        final = scans / scene.scene_id
-        tmp = scans / f".tmp-{scene.scene_id}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = fresh_temp_dir(scans, scene.scene_id)
         tmp.mkdir()
         captions[scene.scene_id] = write_scene(scene, tmp, progress)
-        if final.exists():
-            old = scans / f".old-{scene.scene_id}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        move_into_place(tmp, scans / scene.scene_id)
         ids.append(scene.scene_id)
     n_val = max(1, scenes // 4)
     train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
     tsv = "\n".join("\t".join(r) for r in tsv_rows()) + "\n"
-    _write_text_atomic(out_dir / "scannetv2-labels.combined.tsv", tsv)
-    _write_text_atomic(out_dir / "scannetv2_train.txt", "".join(f"{s}\n" for s in train))
-    _write_text_atomic(out_dir / "scannetv2_val.txt", "".join(f"{s}\n" for s in val))
-    _write_text_atomic(out_dir / "captions.json", json.dumps(captions, indent=1))
+    write_text_atomic(out_dir / "scannetv2-labels.combined.tsv", tsv)
+    write_text_atomic(out_dir / "scannetv2_train.txt", "".join(f"{s}\n" for s in train))
+    write_text_atomic(out_dir / "scannetv2_val.txt", "".join(f"{s}\n" for s in val))
+    write_text_atomic(out_dir / "captions.json", json.dumps(captions, indent=1))
     return ids
