@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from storage.errors import InputError
 from xmask3d.text import TextEncoder
@@ -55,11 +56,20 @@ def scene_captions(captions: dict[str, dict[int, str]], scene_id: str, frame_ind
 
 
 def embed_captions(texts: list[str], encoder: TextEncoder, batch_size: int = 64) -> np.ndarray:
-    """float16 [K, D] embeddings; empty texts get a zero row (not embedded)."""
+    """float16 [K, D] embeddings; empty texts get a zero row (not embedded).
+
+    Runs torch single-threaded: the reduction order of a matmul depends on the thread count, and
+    the store must hold the same bits whichever process (a Dask worker or the caller) embeds.
+    """
     out = np.zeros((len(texts), encoder.dim), np.float16)
     keep = [i for i, t in enumerate(texts) if t.strip()]
-    for lo in range(0, len(keep), batch_size):
-        idx = keep[lo:lo + batch_size]
-        emb = encoder.encode([texts[i] for i in idx])
-        out[idx] = emb.numpy().astype(np.float16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for lo in range(0, len(keep), batch_size):
+            idx = keep[lo:lo + batch_size]
+            emb = encoder.encode([texts[i] for i in idx])
+            out[idx] = emb.numpy().astype(np.float16)
+    finally:
+        torch.set_num_threads(threads)
     return out

@@ -140,8 +140,18 @@ def _text_encoder(spec: str):
     return build_text_encoder(spec)
 
 
-@functools.cache
 def _captions(path: Path) -> dict[str, dict[int, str]]:
+    """The caption file, parsed once per process (and again if the file changes)."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise InputError(f"{path}: caption file not found ({error.strerror})") from error
+    return _load_captions_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_captions_cached(path: Path, mtime_ns: int, size: int) -> dict[str, dict[int, str]]:
     return load_captions(path)
 
 
@@ -357,8 +367,9 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
         if missing:
             raise InputError(f"{cfg.captions}: no captions for scene(s) {', '.join(missing)} "
                              "(use --captions none to run without)")
-        encoder = _text_encoder(cfg.text_encoder)
-        encoder_name, text_dim = encoder.name, encoder.dim
+        from xmask3d.text import text_encoder_info
+
+        encoder_name, text_dim = text_encoder_info(cfg.text_encoder)
     store = create_store(store_path, dataset, encoder_name, text_dim)
     removed = remove_stale_tmp(store)
     if removed:

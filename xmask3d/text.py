@@ -120,6 +120,27 @@ class OpenClipTextEncoder:
         return torch.nn.functional.normalize(out.float(), dim=-1).cpu()
 
 
+def text_encoder_info(spec: str) -> tuple[str, int]:
+    """(name, dim) of the encoder ``spec`` builds, without loading weights (checks the spec)."""
+    if spec == "minilm":
+        return MiniLMTextEncoder.name, MiniLMTextEncoder.dim
+    if spec == "openclip-tiny":
+        return "openclip-tiny", TINY_EMBED_DIM
+    if spec.startswith("openclip:"):
+        import open_clip
+
+        parts = spec.split(":", 2)
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            raise InputError(f"text encoder {spec!r}: expected openclip:MODEL:CHECKPOINT")
+        cfg = open_clip.get_model_config(parts[1])
+        if cfg is None:
+            raise InputError(f"text encoder {spec!r}: unknown open_clip model {parts[1]!r}")
+        if not Path(parts[2]).is_file():
+            raise InputError(f"{parts[2]}: CLIP checkpoint not found")
+        return f"openclip:{parts[1]}:{Path(parts[2]).name}", int(cfg["embed_dim"])
+    raise InputError(f"unknown text encoder {spec!r} (minilm, openclip-tiny, openclip:MODEL:CHECKPOINT)")
+
+
 def build_text_encoder(spec: str, device: str = "cpu") -> MiniLMTextEncoder | OpenClipTextEncoder:
     """Build the encoder named by ``spec`` (see the module docstring)."""
     if spec == "minilm":
