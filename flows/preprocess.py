@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -41,7 +42,11 @@ DATASETS = ("scannet", "s3dis")
 
 
 class ScenesFailedError(RuntimeError):
-    """Some scenes could not be preprocessed (the others are in the store)."""
+    """Some scenes could not be preprocessed (the others are in the store); ``summaries`` has all."""
+
+    def __init__(self, message: str, summaries: list[pipeline.SceneSummary] | None = None):
+        super().__init__(message)
+        self.summaries = list(summaries or [])
 
 
 @task(name="download", task_run_name="download-{dataset}", retries=3, cache_policy=NO_CACHE,
@@ -234,8 +239,8 @@ def preprocess(
     dask_address: str | None = None,
     workers: int | None = None,
     overwrite: bool = False,
-) -> str:
-    """Download (when ``url`` or ``mirror`` is given), then preprocess every scene; returns the store path.
+) -> list[pipeline.SceneSummary]:
+    """Download (when ``url`` or ``mirror`` is given), then preprocess every scene; -> one summary each.
 
     Relative paths are resolved against the working directory of the flow run. Raises InputError
     on bad input (the run's state message) and ScenesFailedError, after the other scenes are
@@ -258,8 +263,19 @@ def preprocess(
     failed = [s for s in summaries if s.status == "failed"]
     if failed:
         raise ScenesFailedError(f"{len(failed)} of {len(summaries)} scenes failed: "
-                                + "; ".join(f"{s.scene_id}: {s.error}" for s in failed))
-    return out
+                                + "; ".join(f"{s.scene_id}: {s.error}" for s in failed), summaries)
+    return summaries
+
+
+def run_locally(**parameters: Any) -> tuple[list[pipeline.SceneSummary], bool]:
+    """Run the flow in this process (ephemeral API unless PREFECT_API_URL is set), for the CLI.
+
+    -> (one summary per scene, whether every scene succeeded). Bad input raises InputError.
+    """
+    try:
+        return preprocess(**parameters), True
+    except ScenesFailedError as error:
+        return error.summaries, False
 
 
 if __name__ == "__main__":  # the guard a Dask LocalCluster of processes needs in a script

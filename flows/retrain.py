@@ -7,6 +7,7 @@ in the store, training registers a new model version (alias ``candidate``), and 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -41,8 +42,9 @@ def retrain(
 ) -> dict[str, Any]:
     """Returns the new model version, its metrics and whether it became the champion."""
     logger = get_run_logger()
-    store_path = preprocess(dataset=dataset, raw_dir=raw_dir, store=store, url=url, mirror=mirror,
-                            dask_address=dask_address, workers=workers)
+    preprocess(dataset=dataset, raw_dir=raw_dir, store=store, url=url, mirror=mirror,
+               dask_address=dask_address, workers=workers)
+    store_path = str(Path(store).expanduser().resolve())
     refs = train(store=store_path, benchmark=benchmark, preset=preset, tracking_uri=tracking_uri)
     version = str(refs["model_version"])
     metrics = evaluate(store=store_path, benchmark=benchmark, model=f"models:/xmask3d-{benchmark}/{version}",

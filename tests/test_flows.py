@@ -129,6 +129,9 @@ def test_flow_keeps_good_scenes_when_one_fails_and_skips_them_on_rerun(prefect_a
                           return_state=True)
     assert state.is_failed()
     assert f"1 of 2 scenes failed: {bad}" in state.message
+    with pytest.raises(pf.ScenesFailedError) as failure:
+        state.result()
+    assert [(x.scene_id, x.status) for x in failure.value.summaries] == [(good, "written"), (bad, "failed")]
     assert open_store(store).scene_ids() == [good]  # the good scene is stored, the bad one is not
     table = _read(state.state_details.flow_run_id, "preprocess-scannet-scenes")
     assert [(r["scene"], r["status"]) for r in table] == [(good, "written"), (bad, "failed")]
@@ -139,7 +142,7 @@ def test_flow_keeps_good_scenes_when_one_fails_and_skips_them_on_rerun(prefect_a
     state = pf.preprocess(raw_dir=str(raw), store=str(store), scenes=[good], captions="none", workers=1,
                           return_state=True)
     assert state.is_completed()
-    assert state.result() == str(store.resolve())
+    assert [(x.scene_id, x.status) for x in state.result()] == [(good, "skipped")]
     assert f"skipped scene {good} (complete in store)" in _logs(state.state_details.flow_run_id)
 
 

@@ -110,19 +110,19 @@ def preprocess_scannet(
     scenes: Annotated[str | None, typer.Option(help="comma-separated scene ids (default: all)")] = None,
 ) -> None:
     """Decode, project, caption-embed and store ScanNet scenes."""
-    from preprocessing.pipeline import PreprocessConfig, format_summaries, resolve_captions, run_preprocess
+    from flows.preprocess import run_locally
+    from preprocessing.pipeline import format_summaries
 
     if clip_model or clip_checkpoint:
         if not (clip_model and clip_checkpoint):
             raise InputError("--clip-model and --clip-checkpoint go together")
         text_encoder = f"openclip:{clip_model}:{clip_checkpoint}"
-    cfg = PreprocessConfig(frame_step=frame_step, captions=resolve_captions(raw, captions),
-                           text_encoder=text_encoder, overwrite=overwrite)
     ids = [s.strip() for s in scenes.split(",") if s.strip()] if scenes else None
-    summaries = run_preprocess("scannet", raw, out, cfg, scenes=ids, dask_address=dask_address,
-                               workers=workers)
+    summaries, ok = run_locally(dataset="scannet", raw_dir=str(raw), store=str(out), scenes=ids,
+                                frame_step=frame_step, captions=captions, text_encoder=text_encoder,
+                                dask_address=dask_address, workers=workers, overwrite=overwrite)
     typer.echo(format_summaries(summaries))
-    if any(s.status == "failed" for s in summaries):
+    if not ok:
         raise typer.Exit(code=1)
 
 
@@ -136,12 +136,13 @@ def preprocess_s3dis(
     dask_address: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler")] = None,
 ) -> None:
     """Store S3DIS rooms (points and labels; no views yet)."""
-    from preprocessing.pipeline import PreprocessConfig, format_summaries, run_preprocess
+    from flows.preprocess import run_locally
+    from preprocessing.pipeline import format_summaries
 
-    cfg = PreprocessConfig(captions=None, overwrite=overwrite)
-    summaries = run_preprocess("s3dis", raw, out, cfg, dask_address=dask_address, workers=workers)
+    summaries, ok = run_locally(dataset="s3dis", raw_dir=str(raw), store=str(out), dask_address=dask_address,
+                                workers=workers, overwrite=overwrite)
     typer.echo(format_summaries(summaries))
-    if any(s.status == "failed" for s in summaries):
+    if not ok:
         raise typer.Exit(code=1)
 
 
