@@ -212,3 +212,114 @@ def test_ddp_two_gloo_ranks_stay_identical(tmp_path):
     seed_everything(100)
     assert not torch.equal(TinyNet().a3d.weight, r0["state"]["a3d.weight"])  # and it did train
     assert load_checkpoint(tmp_path)["step"] == 2  # rank 0 wrote the checkpoint
+
+
+# --------------------------------------------------------------------------------------------
+# XMask3D training (the real model on the synthetic store)
+
+BENCH = "scannet20-b15n4"
+
+
+def _copy_store(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _no_fit(*args, **kwargs):
+    raise AssertionError("training started although the input is bad")
+
+
+def test_bad_inputs_fail_before_training(synthetic_store, tmp_path, monkeypatch):
+    import zarr
+
+    from xmask3d import train as train_mod
+    from xmask3d.checkpoint import save_checkpoint
+
+    monkeypatch.setattr(train_mod, "fit", _no_fit)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = train_preset("tiny", checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(InputError, match="unknown benchmark"):
+        train_mod.train(synthetic_store, "scannet20-b99n1", "tiny", cfg, tracking_uri=uri)
+    with pytest.raises(InputError, match="needs 's3dis'"):
+        train_mod.train(synthetic_store, "s3dis-b8n4", "tiny", cfg, tracking_uri=uri)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(InputError, match="not reachable"):
+        train_mod.train(synthetic_store, BENCH, "tiny", cfg, tracking_uri=f"http://127.0.0.1:{port}")
+    with pytest.raises(InputError, match="not 'tiny'"):
+        train_mod.train(synthetic_store, BENCH, "tiny", train_preset("small"), tracking_uri=uri)
+
+    other = save_checkpoint(tmp_path / "other" / "last.pt",
+                            {"model": {}, "preset": "small", "benchmark": BENCH})
+    with pytest.raises(InputError, match="preset 'small'"):
+        train_mod.train(synthetic_store, BENCH, "tiny", cfg, tracking_uri=uri, resume=other)
+
+    no_labels = _copy_store(synthetic_store, tmp_path / "no_labels.zarr")
+    scene = sorted((no_labels / "scenes").iterdir())[0]
+    import shutil
+
+    shutil.rmtree(scene / "points" / "nyu40")
+    with pytest.raises(InputError, match="no points/nyu40 labels"):
+        train_mod.train(no_labels, BENCH, "tiny", cfg, tracking_uri=uri)
+
+    other_text = _copy_store(synthetic_store, tmp_path / "other_text.zarr")
+    zarr.open_group(other_text, mode="r+").attrs.update({"text_encoder": "openclip-tiny", "text_dim": 64})
+    with pytest.raises(InputError, match="embedded with openclip-tiny"):
+        train_mod.train(other_text, BENCH, "tiny", cfg, tracking_uri=uri)
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.slow
+def test_train_tiny_logs_registers_and_resumes(synthetic_store, tmp_path):
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+
+    from storage.store import open_store
+    from xmask3d.train import train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = train_preset("tiny", max_steps=2, checkpoint_every=1, eval_max_views=1, ply_scenes=1,
+                       checkpoint_dir=str(tmp_path / "ckpt"))
+    result = train(synthetic_store, BENCH, "tiny", cfg, tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.lr_3d"] == "0.003" and params["train.seed"] == "5557"
+    assert params["protocol.base_ratio"] == "0.65" and "protocol.ensemble" in params
+    assert params["data.text_encoder"] == "minilm"
+    losses = client.get_metric_history(result.run_id, "loss/loss")
+    assert sorted(m.step for m in losses) == [1, 2]
+    assert client.get_metric_history(result.run_id, "loss/loss_binary")
+    assert client.get_metric_history(result.run_id, "lr/3d")
+    for key in ("3d", "2d", "fused", "baseline"):
+        assert 0.0 <= result.metrics[f"{key}/miou_base"] <= 1.0
+    assert run.data.metrics["eval/fused/miou_base"] == pytest.approx(result.metrics["fused/miou_base"])
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "evaluation")}
+    assert {"evaluation/iou_per_class.png", "evaluation/confusion_fused.png", "evaluation/iou_per_class.md",
+            "evaluation/metrics.json", "evaluation/ply"} <= artifacts
+    plys = [a.path for a in client.list_artifacts(result.run_id, "evaluation/ply")]
+    assert len(plys) == 2 and any(p.endswith("_gt.ply") for p in plys)
+    assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == ["checkpoints/last.pt"]
+    version = client.get_model_version_by_alias("xmask3d-scannet20-b15n4", "candidate")
+    assert str(version.version) == result.model_version and version.run_id == result.run_id
+
+    # the registered pyfunc model predicts every point of a stored scene
+    scene_id = open_store(synthetic_store).scene_ids("val")[0]
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    frame = model.predict({"store_path": str(synthetic_store), "scene_id": scene_id})
+    assert len(frame) == open_store(synthetic_store).scene(scene_id).num_points
+    assert frame["label"].between(0, 18).all()
+
+    # resume by run id: continues the same run from step 2
+    resumed = train(synthetic_store, BENCH, "tiny", train_preset(
+        "tiny", max_steps=3, evaluate=False, checkpoint_dir=str(tmp_path / "ckpt")), tracking_uri=uri,
+        resume=result.run_id)
+    assert resumed.run_id == result.run_id and resumed.steps == 3
+    assert sorted(m.step for m in client.get_metric_history(result.run_id, "loss/loss")) == [1, 2, 3]

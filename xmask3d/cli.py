@@ -157,6 +157,9 @@ def train(
     max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default $MLFLOW_TRACKING_URI, "
                                                           "else sqlite:///mlruns.db)")] = None,
+    sd_dir: Annotated[Path | None, typer.Option(help="paper: local Stable Diffusion 1.x folder")] = None,
+    clip_checkpoint: Annotated[Path | None, typer.Option(help="paper: local open_clip ViT-L-14 weights")
+                               ] = None,
 ) -> None:
     """Train XMask3D on one benchmark, tracked in MLflow."""
     import logging
@@ -168,7 +171,8 @@ def train(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
     result = run_training(store, benchmark, preset, train_preset(preset, **overrides),
-                          tracking_uri=tracking_uri, resume=resume)
+                          tracking_uri=tracking_uri, resume=resume, sd_dir=sd_dir,
+                          clip_checkpoint=clip_checkpoint)
     if result.evaluation is not None:
         typer.echo(result.evaluation.table())
     promoted = False

@@ -130,16 +130,20 @@ class LoadedModel:
 
 def load_model_for_inference(checkpoint: Path, device: str | torch.device | None = None) -> LoadedModel:
     """Rebuild the model of a training checkpoint (preset, text encoder) and load its weights."""
+    from xmask3d.config import preset as model_preset
     from xmask3d.model import build_model
     from xmask3d.text import build_text_encoder
+    from xmask3d.train import load_model_state, pretrained_prefixes
 
     payload = load_checkpoint(checkpoint)
     text = payload.get("text_encoder") or {}
     if "spec" not in text or "dim" not in text:
         raise InputError(f"{checkpoint}: checkpoint records no text encoder")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(payload["preset"], int(text["dim"]))
-    model.load_state_dict(payload["model"])
+    weights = payload.get("pretrained") or {}
+    model = build_model(model_preset(payload["preset"], sd_dir=weights.get("sd_dir"),
+                                     clip_checkpoint=weights.get("clip_checkpoint")), int(text["dim"]))
+    load_model_state(model, payload["model"], pretrained_prefixes(model))
     model.to(device).eval()
     train_cfg = payload.get("train_config") or {}
     return LoadedModel(model=model, encoder=build_text_encoder(text["spec"]), preset=payload["preset"],

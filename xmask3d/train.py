@@ -90,9 +90,11 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
                          grad_clip=1.0, amp=True, checkpoint_every=1000, num_workers=4, log_every=10),
     # CPU tests and the demo: minutes on 2 cores. The random-init model learns faster with a
     # larger lr on the non-3D parts than the pretrained-weights recipe.
-    "tiny": TrainConfig(preset="tiny", epochs=8, loop=8, batch_size=2, lr_3d=3e-3, lr_other=1e-3,
-                        warmup_iters=10, grad_clip=5.0, amp=False, checkpoint_every=20, num_workers=0,
-                        log_every=1, eval_max_views=0, ply_scenes=2),
+    # 6 epochs x loop 16 over the demo's 3 training scenes = 144 steps; the mask regularisation
+    # starts at epoch 2 (a third of training, as 50 of 150 in the paper).
+    "tiny": TrainConfig(preset="tiny", epochs=6, loop=16, batch_size=2, lr_3d=3e-3, lr_other=1e-3,
+                        warmup_iters=10, grad_clip=5.0, amp=False, checkpoint_every=24, num_workers=0,
+                        log_every=1, eval_max_views=0, ply_scenes=2, contra_start_epoch=2),
 }
 
 
@@ -257,6 +259,21 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def model_state(model: nn.Module, skip_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The state dict without the keys under `skip_prefixes` (weights that reload from files)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefixes)}
+
+
+def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], skip_prefixes: tuple[str, ...] = ()
+                     ) -> None:
+    """Load a checkpoint's weights; only keys under `skip_prefixes` may be missing."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(skip_prefixes)]
+    if missing or result.unexpected_keys:
+        raise InputError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected "
+                         f"{list(result.unexpected_keys)[:5]}")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -267,19 +284,21 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
         cfg: TrainConfig, *, is_3d: Callable[[str], bool], checkpoint_dir: Path,
         meta: Mapping[str, Any] | None = None, resume: Mapping[str, Any] | None = None,
         on_log: Callable[[dict[str, float], int], None] | None = None,
-        info: DistInfo | None = None) -> FitResult:
+        info: DistInfo | None = None, skip_prefixes: tuple[str, ...] = ()) -> FitResult:
     """Train `model` on `dataset` with `loss_fn(model, batch, epoch) -> {"loss": total, term: value}`.
 
     `model` must already be seeded/initialised identically on every rank; `resume` is a
     checkpoint payload (model, optimizer, scheduler, rng, step) to continue from. Checkpoints
     (`<checkpoint_dir>/last.pt`) are written every `cfg.checkpoint_every` steps, at each epoch end
     and at the end, by rank 0, with `meta` (preset, benchmark, text encoder, ...) included.
+    State-dict keys starting with `skip_prefixes` (frozen weights loaded from pretrained files)
+    are left out of checkpoints.
     """
     info = info or DistInfo()
     device = info.device
     model.to(device)
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        load_model_state(model, resume["model"], skip_prefixes)
     groups = param_groups(model, cfg.lr_3d, cfg.lr_other, is_3d, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
     train_model: nn.Module = model
@@ -323,7 +342,7 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
         rng = _gather_rng(info)
         if info.is_main:
             written = save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": model_state(model, skip_prefixes), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng, "step": step,
                 "epoch": step // iters_per_epoch, "train_config": cfg.to_dict(), **(meta or {}),
             })
@@ -467,13 +486,15 @@ def check_text_encoder(store_path: Path, store: StoreInfo, encoder: Any) -> None
 
 
 def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConfig | None = None,
-          tracking_uri: str | None = None, resume: str | Path | None = None) -> TrainResult:
+          tracking_uri: str | None = None, resume: str | Path | None = None, sd_dir: str | Path | None = None,
+          clip_checkpoint: str | Path | None = None) -> TrainResult:
     """Train XMask3D on `benchmark` from the store, evaluate, log to MLflow, register the model.
 
     Every input is checked before training starts (InputError): benchmark name, store dataset
     and labels, text encoder of the store vs the preset, MLflow backend reachable, and a resumed
     checkpoint's preset/benchmark. `resume` is a checkpoint file/dir or an MLflow run id (its
-    local `checkpoints/<run_id>/last.pt`, else the run's checkpoint artifact).
+    local `checkpoints/<run_id>/last.pt`, else the run's checkpoint artifact). `sd_dir` and
+    `clip_checkpoint` are the local pretrained weights of the `paper` preset.
     """
     from preprocessing.benchmarks import get_benchmark
     from xmask3d import tracking
@@ -486,7 +507,9 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
     cfg = cfg or train_preset(preset)
     if cfg.preset != preset:
         raise InputError(f"training config is for preset {cfg.preset!r}, not {preset!r}")
-    model_cfg = model_preset(preset)
+    model_cfg = model_preset(preset, sd_dir=sd_dir, clip_checkpoint=clip_checkpoint)
+    weights = {"sd_dir": str(sd_dir) if sd_dir else None,
+               "clip_checkpoint": str(clip_checkpoint) if clip_checkpoint else None}
     loss_cfg = model_cfg.loss.with_benchmark(bench)
     if cfg.contra_start_epoch is not None:
         loss_cfg = dataclasses.replace(loss_cfg, contra_start_epoch=cfg.contra_start_epoch)
@@ -522,12 +545,29 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
     run_id = _broadcast(run.run_id if run else None, info)
     try:
         result = _train_model(store_path, bench, preset, cfg, model_cfg, encoder, info, run, run_id,
-                              checkpoint_root / run_id, payload)
+                              checkpoint_root / run_id, payload, weights)
     except BaseException:
         if run is not None:
             run.end("FAILED")
         raise
     return result
+
+
+def pretrained_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of frozen parts loaded from local pretrained files (not checkpointed).
+
+    Random-init frozen parts (the `tiny`/`small` presets) stay in the checkpoint: they cannot be
+    rebuilt from a file.
+    """
+    cfg = model.cfg
+    prefixes = []
+    if getattr(cfg.mask_generator, "unet_path", None):
+        prefixes.append("mask_generator.unet.")
+    if getattr(cfg.mask_generator, "vae_path", None):
+        prefixes.append("mask_generator.vae.")
+    if getattr(cfg.clip, "checkpoint", None):
+        prefixes.append("clip.visual.")
+    return tuple(prefixes)
 
 
 def is_3d_parameter(name: str) -> bool:
@@ -538,7 +578,7 @@ def is_3d_parameter(name: str) -> bool:
 
 def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, model_cfg: Any, encoder: Any,
                  info: DistInfo, run: Any, run_id: str, checkpoint_dir: Path,
-                 payload: dict[str, Any] | None) -> TrainResult:
+                 payload: dict[str, Any] | None, weights: dict[str, str | None]) -> TrainResult:
     from storage.dataset import SceneViewDataset, collate_scenes
     from xmask3d import tracking
     from xmask3d.evaluate import LoadedModel, evaluate_loaded, log_evaluation
@@ -558,10 +598,11 @@ def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, mo
 
     meta = {"preset": preset, "benchmark": bench.name, "run_id": run_id,
             "text_encoder": {"name": encoder.name, "dim": encoder.dim, "spec": model_cfg.text_encoder},
-            "model_config": dataclasses.asdict(model_cfg)}
+            "model_config": dataclasses.asdict(model_cfg), "pretrained": weights}
     on_log = run.log_metrics if run is not None else None
     fitted = fit(model, dataset, collate_scenes, loss_fn, cfg, is_3d=is_3d_parameter,
-                 checkpoint_dir=checkpoint_dir, meta=meta, resume=payload, on_log=on_log, info=info)
+                 checkpoint_dir=checkpoint_dir, meta=meta, resume=payload, on_log=on_log, info=info,
+                 skip_prefixes=pretrained_prefixes(model))
     ckpt = checkpoint_dir / LAST_NAME
     metrics: dict[str, float] = {}
     model_uri = version = evaluation = None

@@ -1,0 +1,46 @@
+"""`xmask3d demo` end to end: the tiny model must really learn (base mIoU vs a majority baseline)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from xmask3d.demo import LEARNING_MARGIN
+
+REPO = Path(__file__).resolve().parents[1]
+XMASK3D = str(Path(sys.executable).with_name("xmask3d"))
+
+
+@pytest.mark.slow
+def test_demo_learns_and_is_tracked(tmp_path):
+    out = tmp_path / "demo_output"
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([XMASK3D, "demo", "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = proc.stdout
+    assert "learned: yes" in text, text
+    fused = re.search(r"^fused\s+([\d.]+)", text, re.M)
+    baseline = re.search(r"^majority-class baseline\s+([\d.]+)", text, re.M)
+    assert fused and baseline, text
+    assert float(fused.group(1)) >= LEARNING_MARGIN * float(baseline.group(1))
+    run_id = re.search(r"MLflow run: (\w+)", text).group(1)
+    ui = re.search(r"open the MLflow UI:\s+(mlflow ui --backend-store-uri (\S+))", text)
+    assert ui, text
+    uri = ui.group(2)
+    assert uri == f"sqlite:///{(out / 'mlruns.db').resolve()}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert metrics["eval/fused/miou_base"] >= LEARNING_MARGIN * metrics["eval/baseline/miou_base"]
+    assert {a.path for a in client.list_artifacts(run_id, "evaluation")} >= {
+        "evaluation/iou_per_class.png", "evaluation/confusion_fused.png", "evaluation/iou_per_class.md"}
+    champion = client.get_model_version_by_alias("xmask3d-scannet20-b15n4", "champion")
+    assert champion.run_id == run_id
+    assert (out / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
