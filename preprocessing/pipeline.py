@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 S3DIS_VAL_AREA = "Area_5"
 S3DIS_DIR = "Stanford3dDataset_v1.2"
+S3DIS_ALIGNED_DIR = "Stanford3dDataset_v1.2_Aligned_Version"
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class PreprocessConfig:
     overwrite: bool = False
     frame_batch: int = 16  # frames projected together
     show_progress: bool = True
+    views: Path | None = None  # S3DIS: Stanford 2D-3D-S root (area_N/data/...); None = no views
 
 
 @dataclass
@@ -107,11 +109,19 @@ def s3dis_room_id(area: str, room: str) -> str:
     return f"{area}_{room}"
 
 
+def _s3dis_base(raw_dir: Path) -> Path:
+    """The release directory holding Area_N: RAW/Stanford3dDataset_v1.2[_Aligned_Version] or RAW."""
+    base = Path(raw_dir)
+    found = [base / d for d in (S3DIS_DIR, S3DIS_ALIGNED_DIR) if (base / d).is_dir()]
+    if len(found) > 1:
+        raise InputError(f"{raw_dir}: holds both {S3DIS_DIR} and {S3DIS_ALIGNED_DIR}; pass the release "
+                         "directory itself as --raw")
+    return found[0] if found else base
+
+
 def list_s3dis_rooms(raw_dir: Path) -> dict[str, str]:
     """Room id (``Area_1_office_1``) -> 'train' | 'val' (Area 5 is val, as in the benchmarks)."""
-    base = Path(raw_dir)
-    if (base / S3DIS_DIR).is_dir():
-        base = base / S3DIS_DIR
+    base = _s3dis_base(raw_dir)
     areas = sorted(p for p in base.glob("Area_*") if p.is_dir())
     if not areas:
         raise InputError(f"{raw_dir}: no Area_N directories (expected {S3DIS_DIR}/Area_N/<room>)")
@@ -125,9 +135,7 @@ def list_s3dis_rooms(raw_dir: Path) -> dict[str, str]:
 
 
 def _s3dis_room_dir(raw_dir: Path, room_id: str) -> Path:
-    base = Path(raw_dir)
-    if (base / S3DIS_DIR).is_dir():
-        base = base / S3DIS_DIR
+    base = _s3dis_base(raw_dir)
     prefix, number, room = room_id.split("_", 2)  # Area_1_office_1 -> Area_1 / office_1
     return base / f"{prefix}_{number}" / room
 
@@ -272,8 +280,13 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
 
 def preprocess_s3dis_room(raw_dir: Path, room_id: str, store_path: Path, cfg: PreprocessConfig,
                           split: str | None = None) -> SceneSummary:
-    """Store one S3DIS room: points and labels; zero frames (views come from 2D-3D-S later)."""
+    """Store one S3DIS room: points and labels, and with ``cfg.views`` its 2D-3D-S views.
+
+    Views are stored square (side = the configured image height), projected and caption-embedded
+    by ``preprocessing.s3dis.views.store_room_views``; without ``cfg.views`` the room has 0 frames.
+    """
     from preprocessing.s3dis.reader import read_s3dis_room
+    from preprocessing.s3dis.views import room_frames, store_room_views
 
     start = time.perf_counter()
     store = open_store(store_path, mode="r+")
@@ -283,40 +296,63 @@ def preprocess_s3dis_room(raw_dir: Path, room_id: str, store_path: Path, cfg: Pr
     if not room_dir.is_dir():
         raise InputError(f"{room_dir}: room not found")
     split = split or ("val" if room_id.startswith(S3DIS_VAL_AREA + "_") else "train")
+    frames = room_frames(cfg.views, room_id) if cfg.views is not None else []
+    encoder = captions = None
+    if cfg.views is not None:
+        if cfg.captions is not None:
+            captions = _captions(Path(cfg.captions)).get(room_id, {})
+            encoder = _text_encoder(cfg.text_encoder)
+        if (encoder.name if encoder else None) != store.attrs.get("text_encoder"):
+            raise InputError(f"{store.path}: store captions use {store.attrs.get('text_encoder')!r}, "
+                             f"this run {encoder.name if encoder else None!r}")
     room = read_s3dis_room(room_dir)
-    W, H = cfg.image_size
+    W, H = (cfg.image_size[1], cfg.image_size[1]) if cfg.views is not None else cfg.image_size
+    views = None
     with store.writer(room_id) as writer:
         writer.write("points/xyz", room.xyz.astype(np.float32))
         writer.write("points/rgb", room.rgb.astype(np.uint8))
         writer.write("points/label", room.label.astype(np.uint8))
-        writer.begin_frames(0, cfg.image_size)
-        writer.end_frames()
-        writer.write("frames/index", np.zeros(0, np.int32))
-        writer.write("frames/pose", np.zeros((0, 4, 4), np.float32))
-        writer.write("frames/intrinsic", np.zeros((0, 3, 3), np.float32))
-        empty = Correspondences.empty(0)
-        writer.write("proj/offsets", empty.offsets)
-        writer.write("proj/point", empty.point)
-        writer.write("proj/uv", empty.uv)
-        writer.write("captions/text", np.zeros(0, str))
-        writer.write("captions/clip", np.zeros((0, int(store.attrs.get("text_dim") or 0)), np.float16))
+        if cfg.views is not None:
+            views = store_room_views(writer, room_id, room_dir, room.xyz, frames, (W, H),
+                                     depth_tolerance=cfg.depth_tolerance, margin=cfg.margin,
+                                     frame_batch=cfg.frame_batch, captions=captions, encoder=encoder,
+                                     show_progress=cfg.show_progress)
+        else:
+            writer.begin_frames(0, cfg.image_size)
+            writer.end_frames()
+            writer.write("frames/index", np.zeros(0, np.int32))
+            writer.write("frames/pose", np.zeros((0, 4, 4), np.float32))
+            writer.write("frames/intrinsic", np.zeros((0, 3, 3), np.float32))
+            empty = Correspondences.empty(0)
+            writer.write("proj/offsets", empty.offsets)
+            writer.write("proj/point", empty.point)
+            writer.write("proj/uv", empty.uv)
+            writer.write("captions/text", np.zeros(0, str))
+            writer.write("captions/clip", np.zeros((0, int(store.attrs.get("text_dim") or 0)), np.float16))
         writer.commit({
             "split": split,
             "dataset": "s3dis",
             "source_files": {str(k): int(v) for k, v in room.source_files.items()},
             "skipped_lines": int(room.skipped_lines),
-            "frame_step": cfg.frame_step,
-            "dropped_frames": {},
+            "frame_step": 1 if views else cfg.frame_step,
+            "dropped_frames": views.dropped if views else {},
             "axis_alignment": np.eye(4).tolist(),
             "intrinsics_source": None,
-            "frames_without_caption": [],
-            "captions": None,
+            "frames_without_caption": views.frames_without_caption if views else [],
+            "captions": str(cfg.captions) if views and cfg.captions else None,
             "image_size": [W, H],
             "num_points": int(len(room.xyz)),
-            "num_frames": 0,
+            "num_frames": views.frames_kept if views else 0,
             "depth_scale": DEPTH_SCALE,
+            "depth_tolerance": cfg.depth_tolerance,
+            "margin": cfg.margin,
+            **(views.attrs if views else {}),
         })
-    return SceneSummary(room_id, "written", points=len(room.xyz), seconds=time.perf_counter() - start)
+    return SceneSummary(room_id, "written", points=len(room.xyz), seconds=time.perf_counter() - start,
+                        frames_kept=views.frames_kept if views else 0,
+                        frames_dropped=views.dropped if views else {},
+                        error=views.warning if views else None,
+                        frames_without_caption=len(views.frames_without_caption) if views else 0)
 
 
 SCENE_FUNCTIONS = {"scannet": preprocess_scannet_scene, "s3dis": preprocess_s3dis_room}
@@ -358,13 +394,21 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
             raise InputError(f"{raw_dir}: unknown scenes {', '.join(unknown)}")
         listing = {s: listing[s] for s in scenes}
     encoder_name, text_dim = None, 0
-    if dataset == "s3dis":
+    if dataset == "s3dis" and cfg.views is None:
         cfg = PreprocessConfig(**{**cfg.__dict__, "captions": None})
+    if dataset == "s3dis" and cfg.views is not None:
+        from preprocessing.s3dis.views import index_views, resolve_views_dir
+
+        views = resolve_views_dir(Path(cfg.views)).resolve()
+        index_views(views, rooms=listing)  # checks the layout; logs counted skips (areas, rooms)
+        cfg = PreprocessConfig(**{**cfg.__dict__, "views": views})
     if cfg.captions is not None:
         cfg = PreprocessConfig(**{**cfg.__dict__, "captions": Path(cfg.captions).resolve()})
         captions = _captions(cfg.captions)
         missing = [s for s in listing if s not in captions]
-        if missing:
+        if missing and dataset == "s3dis":  # rooms without views have no captions either
+            log.warning("%s: no captions for room(s) %s", cfg.captions, ", ".join(missing))
+        elif missing:
             raise InputError(f"{cfg.captions}: no captions for scene(s) {', '.join(missing)} "
                              "(use --captions none to run without)")
         from xmask3d.text import text_encoder_info

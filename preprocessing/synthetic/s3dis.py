@@ -18,6 +18,7 @@ from tqdm import tqdm
 from preprocessing.synthetic.files import check_out_dir, fresh_temp_dir, move_into_place
 from preprocessing.synthetic.geometry import SceneGeometry
 from preprocessing.synthetic.layout import LayoutError, Placed, aabb, build_geometry, try_layout
+from storage.errors import InputError
 
 S3DIS_CLASSES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair", "sofa",
                  "bookcase", "board", "clutter")
@@ -134,12 +135,15 @@ def write_room(spec: S3DISRoomSpec, room_dir: Path, spacing: float, seed: int, i
 
 
 def write_s3dis(out_dir: Path, rooms: int = 2, seed: int = 0, spacing: float = 0.06,
-                progress: bool = True) -> list[str]:
+                progress: bool = True, views: bool = False, view_size: int = 1080) -> list[str]:
     """Write `rooms` synthetic rooms under OUT/Stanford3dDataset_v1.2; returns `Area_N/room` ids.
 
-    Each room is written into a temporary directory and renamed when complete.
+    Each room is written into a temporary directory and renamed when complete. With `views`, the
+    rooms' Stanford 2D-3D-S views (`view_size` square) follow (`synthetic.s3dis_views`).
     """
     out_dir = check_out_dir(out_dir, "Stanford3dDataset_v1.2", rooms, "rooms", seed)
+    if views and view_size < 16:
+        raise InputError(f"--view-size must be at least 16 pixels (got {view_size})")
     root = out_dir / "Stanford3dDataset_v1.2"
     ids = []
     for index in tqdm(range(rooms), desc="synthetic S3DIS", unit="room", disable=not progress):
@@ -150,4 +154,8 @@ def write_s3dis(out_dir: Path, rooms: int = 2, seed: int = 0, spacing: float = 0
         write_room(spec, tmp, spacing, seed, index)
         move_into_place(tmp, area_dir / spec.name)
         ids.append(spec.room_id)
+    if views:
+        from preprocessing.synthetic.s3dis_views import write_views
+
+        write_views(out_dir, rooms, seed=seed, size=view_size, progress=progress)
     return ids
