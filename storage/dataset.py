@@ -129,10 +129,17 @@ class SceneViewDataset(Dataset):
         return len(self.scene_ids) * self.loop if self.mode == "train" else len(self.items)
 
     @functools.lru_cache(maxsize=4)  # noqa: B019 - bounded; the dataset lives as long as the loader
-    def _scene_arrays(self, scene_id: str) -> dict[str, np.ndarray]:
+    def _scene_arrays(self, scene_id: str) -> dict[str, Any]:
+        """Per-scene arrays read once (points, labels, offsets, captions) and lazy handles for the rest."""
         scene = self.store.scene(scene_id)
         return {"xyz": scene["points/xyz"][:], "rgb": scene["points/rgb"][:],
-                "label": scene_labels(scene, self.benchmark), "offsets": scene["proj/offsets"][:]}
+                "label": scene_labels(scene, self.benchmark), "offsets": scene["proj/offsets"][:],
+                "point": scene["proj/point"], "uv": scene["proj/uv"], "color": scene["frames/color"],
+                "clip": scene["captions/clip"][:], "text": scene["captions/text"][:]}
+
+    def _view(self, arrays: dict[str, Any], view: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = int(arrays["offsets"][view]), int(arrays["offsets"][view + 1])
+        return arrays["point"][lo:hi], arrays["uv"][lo:hi]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self):
@@ -143,26 +150,24 @@ class SceneViewDataset(Dataset):
             return self._sample(scene_id, view, rng)
         scene_id = self.scene_ids[i % len(self.scene_ids)]
         valid = self.valid_views[scene_id]
-        labels = self._scene_arrays(scene_id)["label"]
-        scene = self.store.scene(scene_id)
+        arrays = self._scene_arrays(scene_id)
         for _ in range(MAX_DRAWS):
             view = int(rng.choice(valid))
-            point, _ = scene.view(view)
-            if int((labels[point] != IGNORE).sum()) > self.min_labelled:
+            point, _ = self._view(arrays, view)
+            if int((arrays["label"][point] != IGNORE).sum()) > self.min_labelled:
                 break
         return self._sample(scene_id, view, rng)
 
     def _sample(self, scene_id: str, view: int, rng: np.random.Generator) -> dict[str, Any]:
         arrays = self._scene_arrays(scene_id)
-        scene = self.store.scene(scene_id)
-        point, uv = scene.view(view)
+        point, uv = self._view(arrays, view)
         point = point.astype(np.int64)
         coord = arrays["xyz"][point]
         color = arrays["rgb"][point].astype(np.float32) / 127.5 - 1.0
         vox_in = random_rotate_scale(coord, rng) if self.augment else coord
         voxel_coord, first, inverse = voxelize(vox_in, self.voxel_size)
         label = arrays["label"][point]
-        image = scene["frames/color"][view]
+        image = arrays["color"][view]
         uv = uv.astype(np.int64)
         H, W = image.shape[:2]
         if (W, H) != self.image_size:
@@ -172,8 +177,8 @@ class SceneViewDataset(Dataset):
             sx, sy = self.image_size[0] / W, self.image_size[1] / H
             uv = np.stack([np.minimum(((uv[:, 0] + 0.5) * sx).astype(np.int64), self.image_size[0] - 1),
                            np.minimum(((uv[:, 1] + 0.5) * sy).astype(np.int64), self.image_size[1] - 1)], 1)
-        caption = scene["captions/clip"][view].astype(np.float32)
-        has_caption = bool(str(scene["captions/text"][view]).strip()) and caption.size > 0
+        caption = arrays["clip"][view].astype(np.float32)
+        has_caption = bool(str(arrays["text"][view]).strip()) and caption.size > 0
         return {
             "scene_id": scene_id,
             "view_index": view,
