@@ -66,12 +66,22 @@ def synth_scannet(
 
 @synth_app.command("s3dis")
 @user_errors
-def synth_s3dis(out_dir: Path, rooms: int = 2, seed: int = 0) -> None:
-    """Write synthetic rooms in the raw Stanford3dDataset_v1.2 layout."""
+def synth_s3dis(
+    out_dir: Path,
+    rooms: int = 2,
+    seed: int = 0,
+    views: Annotated[bool, typer.Option("--views", help="also write the rooms' Stanford 2D-3D-S views "
+                                        "(Stanford2d3dDataset_noXYZ/area_N/data/...)")] = False,
+    view_size: Annotated[int, typer.Option(help="side of the square views (real: 1080)")] = 1080,
+) -> None:
+    """Write synthetic rooms in the raw Stanford3dDataset_v1.2 layout (and 2D-3D-S views)."""
     from preprocessing.synthetic import write_s3dis
 
-    ids = write_s3dis(out_dir, rooms=rooms, seed=seed)
+    ids = write_s3dis(out_dir, rooms=rooms, seed=seed, views=views, view_size=view_size)
     typer.echo(f"wrote {len(ids)} S3DIS rooms to {out_dir / 'Stanford3dDataset_v1.2'}: {', '.join(ids)}")
+    if views:
+        views_dir = out_dir / "Stanford2d3dDataset_noXYZ"
+        typer.echo(f"wrote their {view_size}x{view_size} 2D-3D-S views to {views_dir}")
 
 
 @download_app.command("scannet")
