@@ -1,8 +1,9 @@
 """retrain/<benchmark>: scheduled; preprocess new scenes -> train -> evaluate -> promote if better.
 
 Each step is a sub-flow run (visible in the UI): the preprocess flow skips scenes already complete
-in the store, training registers a new model version (alias ``candidate``), and the MLflow alias
-``champion`` moves to it only if its hIoU beats the current champion's.
+in the store, training registers a new model version (alias ``candidate``), the registered version
+is evaluated, and the MLflow alias ``champion`` moves to it only if its hIoU beats the current
+champion's.
 """
 
 from __future__ import annotations
@@ -10,21 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
-from flows.evaluate import evaluate, headline_hiou
+from flows.evaluate import evaluate
 from flows.preprocess import preprocess
-from flows.train import train
-
-
-@task(name="promote-if-better", task_run_name="promote-{benchmark}-v{version}", cache_policy=NO_CACHE)
-def promote(tracking_uri: str | None, benchmark: str, version: str, hiou: float) -> bool:
-    """Move the ``champion`` alias to ``version`` if its hIoU beats the champion's; True if moved."""
-    from xmask3d.tracking import promote_if_better
-
-    return promote_if_better(tracking_uri, benchmark, version, hiou)
+from flows.train import HIOU, promote, train
+from storage.errors import InputError
 
 
 @flow(name="retrain", description="New scenes -> train -> evaluate -> promote to champion if hIoU is better.")
@@ -36,28 +29,34 @@ def retrain(
     mirror: str | None = None,
     benchmark: str = "scannet20-b15n4",
     preset: str = "tiny",
+    train_config: dict[str, Any] | None = None,
+    max_views: int = 0,
     tracking_uri: str | None = None,
     dask_address: str | None = None,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """Returns the new model version, its metrics and whether it became the champion."""
+    """-> the new model version, its run id and metrics, and whether it became the champion."""
     logger = get_run_logger()
     preprocess(dataset=dataset, raw_dir=raw_dir, store=store, url=url, mirror=mirror,
                dask_address=dask_address, workers=workers)
     store_path = str(Path(store).expanduser().resolve())
-    refs = train(store=store_path, benchmark=benchmark, preset=preset, tracking_uri=tracking_uri)
+    refs = train(store=store_path, benchmark=benchmark, preset=preset, train_config=train_config,
+                 tracking_uri=tracking_uri, promote_champion=False)
+    if refs["model_version"] is None:
+        raise InputError(f"training registered no model version (train_config {train_config} "
+                         "turned evaluation off?)")
     version = str(refs["model_version"])
     metrics = evaluate(store=store_path, benchmark=benchmark, model=f"models:/xmask3d-{benchmark}/{version}",
-                       tracking_uri=tracking_uri)
-    hiou = headline_hiou(metrics)
+                       tracking_uri=tracking_uri, max_views=max_views)
+    hiou = metrics[HIOU]
     promoted = promote(tracking_uri, benchmark, version, hiou)
-    logger.info("model version %s: hIoU %.4f, %s", version, hiou,
+    logger.info("model version %s: %s %.4f, %s", version, HIOU, hiou,
                 "promoted to champion" if promoted else "champion unchanged")
     create_markdown_artifact(
-        f"# retrain {benchmark}\n\nNew version **{version}** (run `{refs.get('run_id')}`): hIoU {hiou:.4f}; "
+        f"# retrain {benchmark}\n\nNew version **{version}** (run `{refs['run_id']}`): {HIOU} {hiou:.4f}; "
         + ("promoted to `champion`." if promoted else "`champion` unchanged (not better)."),
         key=f"retrain-{benchmark}", description="retraining outcome")
-    return {"model_version": version, "run_id": refs.get("run_id"), "hiou": hiou, "promoted": promoted,
+    return {"model_version": version, "run_id": refs["run_id"], "hiou": hiou, "promoted": promoted,
             "metrics": metrics}
 
 

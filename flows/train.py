@@ -1,8 +1,9 @@
 """train/<benchmark>: one training run of XMask3D on a preprocessed store, tracked in MLflow.
 
-The task wraps ``xmask3d.train.train``; the run's parameters, losses, checkpoints and the
-registered model version (alias ``candidate``) live in MLflow. The flow returns MLflow references
-(run id, model URI), never arrays or weights.
+The task wraps ``xmask3d.train.train``: it trains, evaluates on the store's validation scenes,
+logs everything to MLflow and registers a new model version (alias ``candidate``). The flow then
+moves the alias ``champion`` to that version if its hIoU beats the current champion's (as
+``xmask3d train`` does), unless ``promote=False``. Results are MLflow references and metrics.
 """
 
 from __future__ import annotations
@@ -14,40 +15,54 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+HIOU = "fused/hiou"  # the number models are compared by
+
 
 @task(name="train-model", task_run_name="train-{benchmark}-{preset}", cache_policy=NO_CACHE)
-def train_model(store: str, benchmark: str, preset: str, tracking_uri: str | None = None,
-                resume: str | None = None) -> dict[str, Any]:
-    """Train one model; returns the MLflow run id, the checkpoint path and the registered version."""
-    from xmask3d.train import train as run_training
+def train_model(store: str, benchmark: str, preset: str = "tiny", train_config: dict[str, Any] | None = None,
+                tracking_uri: str | None = None, resume: str | None = None, sd_dir: str | None = None,
+                clip_checkpoint: str | None = None) -> dict[str, Any]:
+    """Train, evaluate and register one model; -> MLflow run id, model version and URI, metrics."""
+    from xmask3d.train import train, train_preset
 
-    result = run_training(Path(store), benchmark, preset, None, tracking_uri=tracking_uri, resume=resume)
-    return train_result_refs(result)
+    cfg = train_preset(preset, **(train_config or {}))
+    result = train(Path(store), benchmark, preset, cfg, tracking_uri=tracking_uri, resume=resume,
+                   sd_dir=sd_dir, clip_checkpoint=clip_checkpoint)
+    return {"run_id": result.run_id, "checkpoint": str(result.checkpoint_path), "model_uri": result.model_uri,
+            "model_version": result.model_version, "steps": result.steps, "metrics": dict(result.metrics)}
 
 
-def train_result_refs(result: Any) -> dict[str, Any]:
-    """The references a TrainResult carries (paths, ids, numbers): what downstream tasks need."""
-    refs = {}
-    for field in ("run_id", "checkpoint", "model_version", "model_uri", "experiment_id", "steps"):
-        value = getattr(result, field, None)
-        if value is not None:
-            refs[field] = str(value) if isinstance(value, Path) else value
-    return refs
+@task(name="promote-if-better", task_run_name="promote-{benchmark}-v{version}", cache_policy=NO_CACHE)
+def promote(tracking_uri: str | None, benchmark: str, version: str, hiou: float) -> bool:
+    """Move the ``champion`` alias to ``version`` if its hIoU beats the champion's; True if moved."""
+    from xmask3d.tracking import promote_if_better
+
+    return promote_if_better(tracking_uri, benchmark, version, hiou)
 
 
 @flow(name="train", description="Train XMask3D on one benchmark; tracked and registered in MLflow.")
 def train(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4", preset: str = "tiny",
-          tracking_uri: str | None = None, resume: str | None = None) -> dict[str, Any]:
-    """Train and register a new model version (alias ``candidate``); returns its MLflow references."""
+          train_config: dict[str, Any] | None = None, tracking_uri: str | None = None,
+          resume: str | None = None, sd_dir: str | None = None, clip_checkpoint: str | None = None,
+          promote_champion: bool = True) -> dict[str, Any]:
+    """Train and register a new model version; -> its MLflow references, metrics, and ``promoted``.
+
+    ``train_config`` overrides fields of the preset's TrainConfig (e.g. ``{"epochs": 1}``).
+    """
     logger = get_run_logger()
     store_path = str(Path(store).expanduser().resolve())
-    refs = train_model(store_path, benchmark, preset, tracking_uri, resume)
-    logger.info("trained %s (%s): MLflow run %s, model version %s", benchmark, preset,
-                refs.get("run_id"), refs.get("model_version"))
-    create_markdown_artifact(
-        "\n".join([f"# train {benchmark}", "", "| key | value |", "|---|---|"]
-                  + [f"| {k} | `{v}` |" for k, v in refs.items()]),
-        key=f"train-{benchmark}", description=f"training run of {benchmark} ({preset})")
+    refs = train_model(store_path, benchmark, preset, train_config, tracking_uri, resume, sd_dir,
+                       clip_checkpoint)
+    refs["promoted"] = False
+    if promote_champion and refs["model_version"] is not None and HIOU in refs["metrics"]:
+        refs["promoted"] = promote(tracking_uri, benchmark, refs["model_version"], refs["metrics"][HIOU])
+    logger.info("trained %s (%s): MLflow run %s, model %s, %s %.4f%s", benchmark, preset, refs["run_id"],
+                refs["model_uri"], HIOU, refs["metrics"].get(HIOU, float("nan")),
+                " (now champion)" if refs["promoted"] else "")
+    rows = [f"| {k} | `{v}` |" for k, v in refs.items() if k != "metrics"]
+    rows += [f"| {k} | {v:.4f} |" for k, v in sorted(refs["metrics"].items())]
+    create_markdown_artifact("\n".join([f"# train {benchmark} ({preset})", "", "| | |", "|---|---|", *rows]),
+                             key=f"train-{benchmark}", description=f"training run of {benchmark}")
     return refs
 
 

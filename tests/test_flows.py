@@ -153,3 +153,36 @@ def test_flow_fails_with_the_bad_input_message(prefect_api, tmp_path):
     assert state.is_failed() and f"raw dir {missing} does not exist" in state.message
     with pytest.raises(InputError, match="does not exist"):  # a direct call raises the error itself
         pf.preprocess(raw_dir=str(missing), store=str(tmp_path / "s.zarr"))
+
+
+@pytest.mark.slow
+def test_retrain_trains_evaluates_and_promotes_only_a_better_model(prefect_api, synthetic_scannet,
+                                                                   synthetic_store, tmp_path):
+    import math
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+
+    store = tmp_path / "scannet.zarr"
+    shutil.copytree(synthetic_store, store)  # every scene complete: the preprocess step skips them
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    quick = {"max_steps": 2, "eval_max_views": 1, "ply_scenes": 1, "checkpoint_dir": str(tmp_path / "ckpt")}
+    params = {"raw_dir": str(synthetic_scannet), "store": str(store), "benchmark": "scannet20-b15n4",
+              "train_config": quick, "max_views": 1, "tracking_uri": uri, "workers": 1}
+
+    first = retrain(**params)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert first["model_version"] == "1" and first["hiou"] == first["metrics"]["fused/hiou"]
+    assert first["promoted"] == (not math.isnan(first["hiou"]))
+    if first["promoted"]:
+        assert str(client.get_model_version_by_alias("xmask3d-scannet20-b15n4", "champion").version) == "1"
+
+    second = retrain(**{**params, "train_config": {**quick, "seed": 7}})
+    assert second["model_version"] == "2"
+    assert str(client.get_model_version_by_alias("xmask3d-scannet20-b15n4", "candidate").version) == "2"
+    better = math.isnan(first["hiou"]) or second["hiou"] > first["hiou"]
+    assert second["promoted"] == (better and not math.isnan(second["hiou"]))
+    champion = str(client.get_model_version_by_alias("xmask3d-scannet20-b15n4", "champion").version)
+    assert champion == ("2" if second["promoted"] else "1")
