@@ -71,7 +71,8 @@ def download(dataset: str, raw_dir: str, url: str | None = None, mirror: str | N
 @task(name="prepare-store", task_run_name="prepare-{dataset}-store", cache_policy=NO_CACHE)
 def prepare_store(dataset: str, raw_dir: str, store: str, scenes: list[str] | None = None,
                   frame_step: int = 20, captions: str | None = None, text_encoder: str = "minilm",
-                  overwrite: bool = False) -> tuple[dict[str, str], pipeline.PreprocessConfig]:
+                  overwrite: bool = False, views: str | None = None
+                  ) -> tuple[dict[str, str], pipeline.PreprocessConfig]:
     """Validate the inputs, create or open the store; -> (scene id -> split, the scene config).
 
     Every bad input (missing raw dir, unknown scene, missing captions, incompatible store) fails
@@ -81,9 +82,14 @@ def prepare_store(dataset: str, raw_dir: str, store: str, scenes: list[str] | No
     raw = Path(raw_dir)
     if not raw.is_dir():
         raise InputError(f"raw dir {raw} does not exist")
+    if dataset == "s3dis":  # S3DIS captions belong to the 2D-3D-S views (default: VIEWS/captions.json)
+        from preprocessing.s3dis.views import view_captions
+
+        caption_file = view_captions(Path(views), captions) if views else None
+    else:
+        caption_file = pipeline.resolve_captions(raw, captions)
     cfg = pipeline.PreprocessConfig(frame_step=frame_step, overwrite=overwrite, text_encoder=text_encoder,
-                                    captions=pipeline.resolve_captions(raw, captions) if dataset == "scannet"
-                                    else None)
+                                    captions=caption_file, views=Path(views) if views else None)
     return pipeline.prepare_store(dataset, raw, Path(store), cfg, scenes)
 
 
@@ -239,6 +245,7 @@ def preprocess(
     dask_address: str | None = None,
     workers: int | None = None,
     overwrite: bool = False,
+    views: str | None = None,
 ) -> list[pipeline.SceneSummary]:
     """Download (when ``url`` or ``mirror`` is given), then preprocess every scene; -> one summary each.
 
@@ -255,7 +262,9 @@ def preprocess(
     if url or mirror:
         download(dataset, raw, url=url, mirror=mirror, scenes=scenes)
         logger.info("raw %s files in %s", dataset, raw)
-    listing, cfg = prepare_store(dataset, raw, out, scenes, frame_step, captions, text_encoder, overwrite)
+    views = str(Path(views).expanduser().resolve()) if views else None  # S3DIS: Stanford 2D-3D-S root
+    listing, cfg = prepare_store(dataset, raw, out, scenes, frame_step, captions, text_encoder, overwrite,
+                                 views)
     logger.info("%d %s scenes from %s into %s", len(listing), dataset, raw, out)
     summaries = list(run_scenes(dataset, raw, out, listing, cfg, dask_address, workers).values())
     publish_report(dataset, out, summaries, time.monotonic() - start)

@@ -144,13 +144,29 @@ def preprocess_s3dis(
     workers: Annotated[int | None, typer.Option(help="local Dask worker processes")] = None,
     overwrite: bool = False,
     dask_address: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler")] = None,
+    views: Annotated[Path | None, typer.Option(
+        help="Stanford 2D-3D-S root (area_N/data/rgb|depth|pose); without it rooms get no views")] = None,
+    captions: Annotated[str | None, typer.Option(
+        help="PLA-format caption JSON for the views (default VIEWS/captions.json if present), or 'none'")
+    ] = None,
+    text_encoder: Annotated[str, typer.Option(
+        help="minilm | openclip-tiny | openclip:MODEL:CHECKPOINT")] = "minilm",
 ) -> None:
-    """Store S3DIS rooms (points and labels; no views yet)."""
+    """Store S3DIS rooms: points and labels, and with --views their 2D-3D-S views and captions."""
     from flows.preprocess import run_locally
     from preprocessing.pipeline import format_summaries
 
+    if views is not None:  # report the counted skips (unknown areas, rooms without points) up front
+        from preprocessing.pipeline import list_s3dis_rooms
+        from preprocessing.s3dis.views import index_views
+
+        skipped = index_views(views, rooms=list_s3dis_rooms(raw)).skipped
+        if skipped:
+            text = ", ".join(f"{n} frames ({why})" for why, n in sorted(skipped.items()))
+            typer.echo(f"views skipped: {text}")
     summaries, ok = run_locally(dataset="s3dis", raw_dir=str(raw), store=str(out), dask_address=dask_address,
-                                workers=workers, overwrite=overwrite)
+                                workers=workers, overwrite=overwrite, views=str(views) if views else None,
+                                captions=captions, text_encoder=text_encoder)
     typer.echo(format_summaries(summaries))
     if not ok:
         raise typer.Exit(code=1)
@@ -225,9 +241,11 @@ def model_summary(preset: Annotated[str, typer.Option(help="tiny|small|paper")] 
 def demo(out: Annotated[Path, typer.Option(help="demo output directory")] = Path("demo_output")) -> None:
     """Synthetic data -> preprocess -> train (tiny) -> evaluate, on CPU."""
     import logging
+    import os
 
     from xmask3d.demo import report, run_demo
 
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # also for the worker processes
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("distributed", "mlflow", "sentence_transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

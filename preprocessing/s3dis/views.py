@@ -536,3 +536,11 @@ def store_room_views(writer, room_id: str, room_dir: Path, xyz: np.ndarray, fram
         "intrinsics_source": f"2D-3D-S camera_k_matrix rescaled to {size[0]}x{size[1]}",
     }
     return RoomViews(n, dropped, missing, attrs, warning)
+
+
+def view_captions(views_dir: Path, captions: str | Path | None) -> Path | None:
+    """Caption JSON for the views: None -> ``captions.json`` in the views root if present;
+    ``'none'`` -> no captions; else that file (InputError if missing)."""
+    from preprocessing.pipeline import resolve_captions
+
+    return resolve_captions(resolve_views_dir(views_dir), captions)
