@@ -323,3 +323,15 @@ def test_train_tiny_logs_registers_and_resumes(synthetic_store, tmp_path):
         resume=result.run_id)
     assert resumed.run_id == result.run_id and resumed.steps == 3
     assert sorted(m.step for m in client.get_metric_history(result.run_id, "loss/loss")) == [1, 2, 3]
+
+    # standalone evaluation of the registered model: a nested run with the same numbers
+    from xmask3d.evaluate import evaluate
+
+    evaluation = evaluate(synthetic_store, BENCH, "models:/xmask3d-scannet20-b15n4@candidate",
+                          tracking_uri=uri, max_views=1, ply_scenes=0)
+    assert evaluation.metrics["fused/miou_base"] == pytest.approx(result.metrics["fused/miou_base"])
+    nested = client.get_run(evaluation.run_id)
+    assert nested.data.tags["mlflow.parentRunId"] == result.run_id
+    assert nested.data.params["protocol.views"] == "first 1 valid views per scene"
+    with pytest.raises(InputError, match="not found in the registry"):
+        evaluate(synthetic_store, BENCH, "models:/xmask3d-scannet20-b15n4@nope", tracking_uri=uri)

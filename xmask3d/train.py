@@ -75,6 +75,7 @@ class TrainConfig:
     eval_max_views: int = 0  # 0 = every view of every val scene (the official protocol)
     ply_scenes: int = 3  # scenes exported as coloured PLY (prediction vs ground truth)
     contra_start_epoch: int | None = None  # None = the benchmark's (50 / 75 epochs)
+    torch_threads: int = 0  # > 0: torch.set_num_threads (intra-op threads); 0 = torch's default
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,10 +92,12 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # CPU tests and the demo: minutes on 2 cores. The random-init model learns faster with a
     # larger lr on the non-3D parts than the pretrained-weights recipe.
     # 6 epochs x loop 16 over the demo's 3 training scenes = 144 steps; the mask regularisation
-    # starts at epoch 2 (a third of training, as 50 of 150 in the paper).
+    # starts at epoch 2 (a third of training, as 50 of 150 in the paper). One intra-op thread: the
+    # tiny model's ops are too small for threading to pay (measured on 2 cores: 0.55 CPU-s per
+    # step with 1 thread, 4-6 CPU-s with 2), see docs/benchmarks.md.
     "tiny": TrainConfig(preset="tiny", epochs=6, loop=16, batch_size=2, lr_3d=3e-3, lr_other=1e-3,
                         warmup_iters=10, grad_clip=5.0, amp=False, checkpoint_every=24, num_workers=0,
-                        log_every=1, eval_max_views=0, ply_scenes=2, contra_start_epoch=2),
+                        log_every=1, eval_max_views=0, ply_scenes=2, contra_start_epoch=2, torch_threads=1),
 }
 
 
@@ -296,6 +299,8 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
     """
     info = info or DistInfo()
     device = info.device
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
     model.to(device)
     if resume is not None:
         load_model_state(model, resume["model"], skip_prefixes)
