@@ -438,7 +438,12 @@ def compute_losses(
     )
     binary = batch["binary"].to(device)
     losses["loss_binary"] = binary_loss(outputs["binary_logit"], binary, cfg.binary_pos_weight)
-    if cfg.contra_active(epoch) and outputs.get("mask_clip") is not None:
+    if cfg.contra_active(epoch):
+        if outputs.get("mask_clip") is None:
+            raise ValueError(
+                f"loss_3d_contra is active at epoch {epoch} but the forward computed no MaskCLIP embeddings: "
+                "build the model with the same LossConfig as compute_losses"
+            )
         selection = binary if cfg.mask_selection == "labels" else outputs["binary_logit"].sigmoid()
         losses["loss_3d_contra"], _ = mask_regularisation(
             outputs["point_probs"],
