@@ -102,6 +102,28 @@ def download_scannet(
     typer.echo(f"{len(paths)} files under {out}")
 
 
+@download_app.command("s3dis")
+@user_errors
+def download_s3dis(
+    out: Annotated[Path, typer.Option(help="raw data directory, e.g. data/raw/s3dis")],
+    url: Annotated[str | None, typer.Option(help="your S3DIS / 2D-3D-S link (default: $XMASK3D_S3DIS_URL)")
+                   ] = None,
+    mirror: Annotated[Path | None, typer.Option(help="local mirror directory")] = None,
+    release: Annotated[str, typer.Option(help="raw (non-aligned, the poses' frame) or aligned")] = "raw",
+    views: Annotated[bool, typer.Option(help="also fetch the Stanford 2D-3D-S views")] = True,
+    areas: Annotated[str | None, typer.Option(help="2D-3D-S areas, e.g. 1,2,5a,5b (default all)")] = None,
+    workers: Annotated[int, typer.Option(help="parallel downloads")] = 2,
+    keep_archives: Annotated[bool, typer.Option(help="keep the archives after unpacking")] = True,
+) -> None:
+    """Download and unpack S3DIS (Stanford3dDataset_v1.2) and its 2D-3D-S views (resumable)."""
+    from preprocessing.s3dis.download import download_s3dis as download
+
+    names = [a for a in areas.split(",") if a.strip()] if areas else None
+    dirs = download(out, url=url, mirror=mirror, release=release, views=views, areas=names, workers=workers,
+                    keep_archives=keep_archives)
+    typer.echo("unpacked " + ", ".join(str(d) for d in dirs))
+
+
 @preprocess_app.command("scannet")
 @user_errors
 def preprocess_scannet(
