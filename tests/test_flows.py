@@ -147,6 +147,20 @@ def test_flow_keeps_good_scenes_when_one_fails_and_skips_them_on_rerun(prefect_a
 
 
 @pytest.mark.slow
+def test_flow_runs_scene_tasks_on_an_existing_dask_cluster(prefect_api, synthetic_scannet, tmp_path):
+    from distributed import LocalCluster
+
+    first = scene_ids(synthetic_scannet)[0]
+    store = tmp_path / "s.zarr"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        summaries = pf.preprocess(raw_dir=str(synthetic_scannet), store=str(store), scenes=[first],
+                                  captions="none", dask_address=cluster.scheduler_address)
+        assert "preprocess_scene" in cluster.scheduler.task_prefixes  # the scene task ran on this cluster
+    assert [(x.scene_id, x.status) for x in summaries] == [(first, "written")]
+    assert open_store(store).scene_ids() == [first]
+
+
+@pytest.mark.slow
 def test_flow_fails_with_the_bad_input_message(prefect_api, tmp_path):
     missing = tmp_path / "nowhere"
     state = pf.preprocess(raw_dir=str(missing), store=str(tmp_path / "s.zarr"), return_state=True)
