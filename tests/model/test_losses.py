@@ -201,12 +201,12 @@ def test_mask_regularisation_scores_mode_uses_no_labels_and_stops_gradient():
     loss_s, count_s = mask_regularisation(
         point_probs, confidence[None], feats, clip, batch_index, torch.full((400,), 0.9), scores
     )
-    assert count_s == 1 and float(loss_s) == pytest.approx(float(one.detach()), abs=1e-5)
+    assert count_s == 1 and float(loss_s.detach()) == pytest.approx(float(one.detach()), abs=1e-5)
     # nothing selected -> exactly 0
     loss_0, count_0 = mask_regularisation(
         point_probs * 0, confidence[None], feats, clip, batch_index, binary, LossConfig()
     )
-    assert count_0 == 0 and float(loss_0) == 0.0
+    assert count_0 == 0 and float(loss_0.detach()) == 0.0
 
 
 def test_mask_confidence_is_mean_prob_above_half():

@@ -66,7 +66,9 @@ def test_before_contra_epoch_no_maskclip_and_zero_regularisation(batch):
     out = model(batch, base_text(), epoch=0)
     assert "mask_clip" not in out
     losses = compute_losses(out, batch, model.cfg.loss, epoch=0)
-    assert float(losses["loss_3d_contra"]) == 0.0
+    assert float(losses["loss_3d_contra"].detach()) == 0.0
+    with pytest.raises(ValueError, match="MaskCLIP"):  # a loss config that disagrees with the forward
+        compute_losses(out, batch, model.cfg.loss, epoch=100)
 
 
 def test_gradients_reach_trainable_groups_and_never_frozen_weights(batch):
