@@ -117,4 +117,4 @@ class FeatureMerger(nn.Module):
     def forward(self, feats_3d: torch.Tensor, feats_2d: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
         index = covered.nonzero()[:, 0]
         merged = self.linear(torch.cat([feats_2d[index], feats_3d[index]], dim=1))
-        return feats_3d.index_put((index,), merged)
+        return feats_3d.index_put((index,), merged.to(feats_3d.dtype))

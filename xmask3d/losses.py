@@ -208,7 +208,7 @@ class SetCriterion:
         target_classes[batch_idx, query_idx] = torch.cat(
             [t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices, strict=True)]
         ).to(pred_logits.device)
-        class_weight = pred_logits.new_ones(num_classes + 1)
+        class_weight = torch.ones(num_classes + 1, dtype=torch.float32, device=pred_logits.device)
         class_weight[-1] = cfg.eos_coef
         loss_ce = F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, class_weight)
         if len(query_idx) == 0:
@@ -295,8 +295,9 @@ def binary_loss(logits: torch.Tensor, binary: torch.Tensor, pos_weight: float) -
     valid = binary != IGNORE
     if not bool(valid.any()):
         return logits.sum() * 0.0
-    weight = torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
-    return F.binary_cross_entropy_with_logits(logits[valid], binary[valid].to(logits), pos_weight=weight)
+    weight = torch.tensor(pos_weight, dtype=torch.float32, device=logits.device)
+    target = binary[valid].to(device=logits.device, dtype=torch.float32)
+    return F.binary_cross_entropy_with_logits(logits[valid].float(), target, pos_weight=weight)
 
 
 # --------------------------------------------------------------------------- mask regularisation
