@@ -183,3 +183,17 @@ def test_model_summary_command():
     assert result.exit_code == 0 and "backbone3d" in result.output
     bad = CliRunner().invoke(app, ["model-summary", "--preset", "huge"])
     assert bad.exit_code == 2
+
+
+@pytest.mark.slow
+def test_small_forward_backward_shapes(batch):
+    """The small preset on CPU (about 5 s for one step on one loaded core)."""
+    torch.manual_seed(0)
+    model = build_model("small", DIM)
+    out = model(batch, base_text(), epoch=100)
+    q = model.cfg.mask_generator.num_queries
+    assert out["pred_masks"].shape == (2, q, 64, 64) and out["mask_clip"].shape == (2, q, DIM)
+    losses = compute_losses(out, batch, model.cfg.loss, epoch=100)
+    losses["total"].backward()
+    assert torch.isfinite(losses["total"])
+    assert model.backbone3d.head.weight.grad is not None and model.mask_generator.alpha_cond.grad is not None
