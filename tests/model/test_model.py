@@ -197,3 +197,23 @@ def test_small_forward_backward_shapes(batch):
     losses["total"].backward()
     assert torch.isfinite(losses["total"])
     assert model.backbone3d.head.weight.grad is not None and model.mask_generator.alpha_cond.grad is not None
+
+
+@pytest.mark.slow
+def test_tiny_overfits_one_batch(batch):
+    """20 AdamW steps on one batch: every supervised head learns (3D CE, masks, binary, regulariser)."""
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(parameter_groups(model, lr_3d=3e-3, lr_other=1e-3))
+    history = []
+    for _ in range(20):
+        out = model(batch, base_text(), epoch=100)
+        losses = compute_losses(out, batch, model.cfg.loss, epoch=100)
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    first, last = history[0], history[-1]
+    assert last["total"] < 0.6 * first["total"]
+    assert last["loss_3d_pure"] < 0.2 * first["loss_3d_pure"]
+    assert last["loss_ce"] < 0.5 * first["loss_ce"] and last["loss_binary"] < 0.5 * first["loss_binary"]
+    assert any(h["loss_3d_contra"] > 0 for h in history)  # masks got selected and regularised
