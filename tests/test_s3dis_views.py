@@ -332,3 +332,23 @@ def test_views_off_writes_no_views(tmp_path):
     write_s3dis(tmp_path, rooms=1, seed=0, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Stanford3dDataset_v1.2"]
     assert not list((tmp_path / "Stanford3dDataset_v1.2").rglob("*alignmentAngle.txt"))
+
+
+@pytest.mark.slow
+def test_preprocess_cli_with_views(raw, tmp_path):
+    """`xmask3d preprocess s3dis --views` via the Prefect flow; captions default to VIEWS/captions.json."""
+    from xmask3d.cli import app
+
+    out = tmp_path / "cli.zarr"
+    result = CliRunner().invoke(app, ["preprocess", "s3dis", "--raw", str(raw), "--views", str(raw),
+                                      "--out", str(out), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "2 written, 0 skipped, 0 failed" in result.output
+    opened = open_store(out)
+    assert opened.attrs["text_encoder"] is not None
+    for room_id in ROOMS:
+        scene = opened.scene(room_id)
+        assert scene.num_frames == 8 and scene.attrs["captions"].endswith("captions.json")
+    bad = CliRunner().invoke(app, ["preprocess", "s3dis", "--raw", str(raw), "--views", str(tmp_path / "no"),
+                                   "--out", str(tmp_path / "bad.zarr")])
+    assert bad.exit_code == 2 and "views directory not found" in bad.output
