@@ -323,6 +323,8 @@ def test_train_tiny_logs_registers_and_resumes(synthetic_store, tmp_path):
         resume=result.run_id)
     assert resumed.run_id == result.run_id and resumed.steps == 3
     assert sorted(m.step for m in client.get_metric_history(result.run_id, "loss/loss")) == [1, 2, 3]
+    run = client.get_run(result.run_id)
+    assert run.data.params["train.max_steps"] == "2" and run.data.tags["changed.train.max_steps"] == "3"
 
     # standalone evaluation of the registered model: a nested run with the same numbers
     from xmask3d.evaluate import evaluate

@@ -158,6 +158,10 @@ def load_model_for_inference(checkpoint: Path, device: str | torch.device | None
 HEADS = ("3d", "2d", "fused")
 
 
+def _index_tensor(indices: Any, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor(np.asarray(indices, dtype=np.int64).tolist(), dtype=torch.long, device=device)
+
+
 def view_labels(out: dict[str, Any], text: torch.Tensor, coord: torch.Tensor, bench: Benchmark,
                 gating_threshold: float = 0.5) -> dict[str, torch.Tensor]:
     """Gated argmax labels [N] of the 3D, 2D and fused heads for one view (batch of one).
@@ -168,8 +172,8 @@ def view_labels(out: dict[str, Any], text: torch.Tensor, coord: torch.Tensor, be
     scale = float(out["logit_scale"])
     device = out["feats_3d"].device
     text = text.to(device)
-    base_idx = torch.as_tensor(bench.base_indices, device=device)
-    novel_idx = torch.as_tensor(bench.novel_indices, device=device)
+    base_idx = _index_tensor(bench.base_indices, device)
+    novel_idx = _index_tensor(bench.novel_indices, device)
 
     def probs(feat: torch.Tensor) -> torch.Tensor:
         return (scale * F.normalize(feat.float(), dim=-1) @ text.T).softmax(-1)
@@ -217,7 +221,7 @@ def predict_scenes(loaded: LoadedModel, store_path: Path, bench: Benchmark, scen
     store = open_store(store_path)
     text = F.normalize(loaded.encoder.encode(list(bench.class_names)).float(), dim=-1)
     is_base = torch.zeros(bench.num_classes, dtype=torch.bool)
-    is_base[torch.tensor(np.asarray(bench.base_indices).tolist(), dtype=torch.long)] = True
+    is_base[_index_tensor(bench.base_indices)] = True
     loaded.model.eval()
     by_scene: dict[str, list[int]] = {}
     for i, (scene_id, _) in enumerate(dataset.items):

@@ -128,10 +128,14 @@ class RunTracker:
         return self.client.get_run(self.run_id).info.artifact_uri
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log (nested) params; keys already logged with the same value are skipped (resume)."""
+        """Log (nested) params. On a resumed run, keys already logged are kept (MLflow params are
+        immutable); a changed value is recorded as the tag ``changed.<key>`` instead."""
         existing = self.client.get_run(self.run_id).data.params
-        flat = {k: v for k, v in flatten_params(params).items() if existing.get(k) != v}
-        items = [Param(k, v) for k, v in flat.items()]
+        flat = flatten_params(params)
+        for key, value in flat.items():
+            if key in existing and existing[key] != value:
+                self.client.set_tag(self.run_id, f"changed.{key}", value)
+        items = [Param(k, v) for k, v in flat.items() if k not in existing]
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
