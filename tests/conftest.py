@@ -1,4 +1,15 @@
-"""Shared fixtures: synthetic raw datasets (built once per session) and a preprocessed store."""
+"""Shared fixtures: synthetic raw datasets (built once per session) and a preprocessed store.
 
-from tests.fixtures_data import *  # noqa: F401,F403
-from tests.fixtures_store import *  # noqa: F401,F403
+Tests never touch the user's Prefect home or MLflow store: Prefect gets a temporary home for the
+whole session (set before Prefect reads its settings), MLflow tests pass temporary sqlite URIs.
+"""
+
+import os
+import tempfile
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="xmask3d-test-prefect-")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tests.fixtures_data import *  # noqa: E402,F401,F403
+from tests.fixtures_store import *  # noqa: E402,F401,F403
