@@ -26,7 +26,7 @@ test-fast: lint
 	$(BIN)/pytest -m "not slow"
 
 demo: $(STAMP)
-	$(BIN)/xmask3d demo
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/xmask3d demo
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
