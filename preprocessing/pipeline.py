@@ -213,6 +213,8 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
             parts.append(project_points(points, np.stack(batch_pose), K, np.stack(batch_depth),
                                         margin=cfg.margin, depth_tolerance=cfg.depth_tolerance,
                                         frame_batch=cfg.frame_batch))
+            log.info("%s: frames %d-%d projected, %d visible pairs", scene_id, indices[-len(batch_pose)],
+                     indices[-1], int(parts[-1].offsets[-1]))
             batch_pose.clear()
             batch_depth.clear()
 

@@ -130,11 +130,12 @@ class SceneViewDataset(Dataset):
 
     @functools.lru_cache(maxsize=4)  # noqa: B019 - bounded; the dataset lives as long as the loader
     def _scene_arrays(self, scene_id: str) -> dict[str, Any]:
-        """Per-scene arrays read once (points, labels, offsets, captions) and lazy handles for the rest."""
+        """Per-scene arrays read once (points, labels, correspondences, captions; tens of MB for a
+        real scene, 4 scenes cached per process) and the lazy colour frames."""
         scene = self.store.scene(scene_id)
         return {"xyz": scene["points/xyz"][:], "rgb": scene["points/rgb"][:],
                 "label": scene_labels(scene, self.benchmark), "offsets": scene["proj/offsets"][:],
-                "point": scene["proj/point"], "uv": scene["proj/uv"], "color": scene["frames/color"],
+                "point": scene["proj/point"][:], "uv": scene["proj/uv"][:], "color": scene["frames/color"],
                 "clip": scene["captions/clip"][:], "text": scene["captions/text"][:]}
 
     def _view(self, arrays: dict[str, Any], view: int) -> tuple[np.ndarray, np.ndarray]:
