@@ -402,7 +402,7 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
         from preprocessing.s3dis.views import index_views, resolve_views_dir
 
         views = resolve_views_dir(Path(cfg.views)).resolve()
-        index_views(views, rooms=listing)  # checks the layout; logs counted skips (areas, rooms)
+        index_views(views, rooms=list_s3dis_rooms(raw_dir))  # checks the layout; logs counted skips
         cfg = PreprocessConfig(**{**cfg.__dict__, "views": views})
     if cfg.captions is not None:
         cfg = PreprocessConfig(**{**cfg.__dict__, "captions": Path(cfg.captions).resolve()})
