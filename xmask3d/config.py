@@ -12,8 +12,11 @@ Presets:
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from storage.errors import InputError
 from xmask3d.backbone3d import Backbone3DConfig
@@ -38,10 +41,131 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     # text space of class names and captions (xmask3d.text.build_text_encoder spec)
     text_encoder: str = f"openclip:{PAPER_CLIP_MODEL}:{PAPER_CLIP_CHECKPOINT}"
-    # False: no FeatureMerger, the fused feature is the 3D feature
-    fusion: bool = True
     # eval gating threshold of a mask's mean binary probability (spec §4 step 3)
     binary_2d_thresh: float = 0.5
+    # Component switches (the ablation study, docs/ablation.md); all on = the paper's model.
+    # Off removes the component's parameters and loss terms (nothing is zeroed). These are the
+    # authoritative values: ``__post_init__`` copies them into ``mask_generator`` and ``loss``.
+    # 3D global feature into the UNet context and time embedding (off: plain E("") context)
+    implicit_condition: bool = True
+    # 2D->3D mask regularisation loss_3d_contra (off: no term, MaskCLIP never runs in training)
+    mask_regularization: bool = True
+    # FeatureMerger (off: the fused feature is the 3D feature; loss_3d and
+    # loss_explicit_contra, which would repeat loss_3d_pure and loss_explicit_contra_3d, are dropped)
+    fusion: bool = True
+    # base/novel head (off: no BinaryHead, no loss_binary, no base/novel gating at evaluation)
+    binary_head: bool = True
+    # caption alignment losses loss_explicit_contra, _3d, _2d_pre
+    caption_losses: bool = True
+
+    def __post_init__(self) -> None:
+        for name in SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        self.mask_generator = replace(self.mask_generator, implicit_condition=self.implicit_condition)
+        self.loss = replace(
+            self.loss,
+            mask_regularization=self.mask_regularization,
+            fusion=self.fusion,
+            binary_head=self.binary_head,
+            caption_losses=self.caption_losses,
+        )
+        if self.mask_regularization and not self.binary_head and self.loss.mask_selection == "scores":
+            raise InputError(
+                "ModelConfig: mask_selection='scores' selects masks with the binary head; "
+                "it needs binary_head=True (or mask_selection='labels')"
+            )
+
+    def switches(self) -> dict[str, bool]:
+        """The component switches by name."""
+        return {name: getattr(self, name) for name in SWITCHES}
+
+
+# Names of the ModelConfig component switches, in the order of the ablation table.
+SWITCHES = ("implicit_condition", "mask_regularization", "fusion", "binary_head", "caption_losses")
+
+
+def with_switches(cfg: ModelConfig, **switches: bool) -> ModelConfig:
+    """``cfg`` with some component switches changed (InputError on an unknown name)."""
+    unknown = set(switches) - set(SWITCHES)
+    if unknown:
+        raise InputError(f"unknown model switch(es) {sorted(unknown)} (known: {', '.join(SWITCHES)})")
+    return replace(cfg, **switches)
+
+
+def variant_switches(name: str) -> dict[str, bool]:
+    """Switches of an ablation variant name: ``full`` (all on), ``no-<switch>`` with dashes
+    (``no-fusion``, ``no-implicit-condition``), or several joined by ``+`` (``no-fusion+no-binary-head``)."""
+    name = name.strip()
+    if name == "full":
+        return {}
+    off: dict[str, bool] = {}
+    for part in name.split("+"):
+        switch = part.strip().removeprefix("no-").replace("-", "_")
+        if not part.strip().startswith("no-") or switch not in SWITCHES:
+            choices = ", ".join(["full", *(variant_name({s: False}) for s in SWITCHES)])
+            raise InputError(f"unknown ablation variant {name!r} (choose from {choices}, or join with '+')")
+        off[switch] = False
+    return off
+
+
+def variant_name(switches: Mapping[str, bool]) -> str:
+    """Inverse of :func:`variant_switches` for the switches that are off."""
+    off = [s for s in SWITCHES if switches.get(s) is False]
+    return "+".join("no-" + s.replace("_", "-") for s in off) or "full"
+
+
+def _from_dict(cls: type, data: Mapping[str, Any], source: str) -> Any:
+    """A config dataclass from ``dataclasses.asdict`` output; lists back to tuples where the
+    default is a tuple; unknown keys are an InputError (a checkpoint from another code version)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise InputError(f"{source}: unknown {cls.__name__} field(s) {sorted(unknown)}")
+    defaults = cls()
+    values = {}
+    for name, value in data.items():
+        default = getattr(defaults, name)
+        if isinstance(value, list) and isinstance(default, tuple):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
+
+
+def model_config_from_dict(data: Mapping[str, Any], source: str = "model config") -> ModelConfig:
+    """The ``ModelConfig`` recorded by ``dataclasses.asdict`` (checkpoints, MLflow). Switches
+    missing from older records are on (those models had every component)."""
+    if not isinstance(data, Mapping):
+        raise InputError(f"{source}: model config is not a mapping")
+    parts = {"backbone": Backbone3DConfig, "mask_generator": MaskGeneratorConfig, "clip": ClipConfig,
+             "loss": LossConfig}
+    values = dict(data)
+    try:
+        for key, cls in parts.items():
+            if key in values:
+                values[key] = _from_dict(cls, values[key], source)
+        return _from_dict(ModelConfig, values, source)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, InputError):
+            raise
+        raise InputError(f"{source}: invalid model config ({error})") from error
+
+
+def check_switches(recorded: Mapping[str, Any] | None, cfg: ModelConfig, source: str) -> None:
+    """InputError when a checkpoint's recorded ModelConfig (``payload["model_config"]``) has other
+    component switches than ``cfg``: its weights belong to another network."""
+    recorded = recorded or {}
+    theirs = {s: bool(recorded.get(s, True)) for s in SWITCHES}
+    ours = cfg.switches()
+    diff = [s for s in SWITCHES if theirs[s] != ours[s]]
+    if diff:
+        def show(values: Mapping[str, bool]) -> str:
+            return ", ".join(f"{s}={'on' if values[s] else 'off'}" for s in diff)
+
+        raise InputError(
+            f"{source}: checkpoint was trained with {show(theirs)} (variant {variant_name(theirs)}), "
+            f"the model has {show(ours)} (variant {variant_name(ours)})"
+        )
 
 
 def backbone_preset(name: str) -> Backbone3DConfig:

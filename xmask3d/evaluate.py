@@ -129,7 +129,9 @@ class LoadedModel:
 
 
 def load_model_for_inference(checkpoint: Path, device: str | torch.device | None = None) -> LoadedModel:
-    """Rebuild the model of a training checkpoint (preset, text encoder) and load its weights."""
+    """Rebuild the model from the checkpoint's recorded ModelConfig (switches included; the
+    preset name only for checkpoints that record none) and load its weights."""
+    from xmask3d.config import model_config_from_dict
     from xmask3d.config import preset as model_preset
     from xmask3d.model import build_model
     from xmask3d.text import build_text_encoder
@@ -141,8 +143,12 @@ def load_model_for_inference(checkpoint: Path, device: str | torch.device | None
         raise InputError(f"{checkpoint}: checkpoint records no text encoder")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weights = payload.get("pretrained") or {}
-    model = build_model(model_preset(payload["preset"], sd_dir=weights.get("sd_dir"),
-                                     clip_checkpoint=weights.get("clip_checkpoint")), int(text["dim"]))
+    if payload.get("model_config") is not None:
+        model_cfg = model_config_from_dict(payload["model_config"], str(checkpoint))
+    else:
+        model_cfg = model_preset(payload["preset"], sd_dir=weights.get("sd_dir"),
+                                 clip_checkpoint=weights.get("clip_checkpoint"))
+    model = build_model(model_cfg, int(text["dim"]))
     load_model_state(model, payload["model"], pretrained_prefixes(model))
     model.to(device).eval()
     train_cfg = payload.get("train_config") or {}
@@ -179,7 +185,7 @@ def view_labels(out: dict[str, Any], text: torch.Tensor, coord: torch.Tensor, be
         return (scale * F.normalize(feat.float(), dim=-1) @ text.T).softmax(-1)
 
     covered = out["covered"].to(torch.bool)
-    binary = out["binary_logit"].float().sigmoid().reshape(-1)
+    binary_logit = out.get("binary_logit")
     p3 = probs(out["feats_3d"])
     p2 = probs(fill_from_nearest(out["feats_2d"], covered, coord.to(device)))
     pf = probs(out["feats_fused"])
@@ -189,6 +195,9 @@ def view_labels(out: dict[str, Any], text: torch.Tensor, coord: torch.Tensor, be
         pc[covered] = probs(mask_clip[out["point_mask"][covered].long()])
     fused = geometric_ensemble(pf, pc, covered, base_idx, novel_idx, bench.base_ratio, bench.novel_ratio)
     scores = {"3d": p3.clamp_min(LOG_FLOOR).log(), "2d": p2.clamp_min(LOG_FLOOR).log(), "fused": fused}
+    if binary_logit is None:  # a model without the binary head (ablation): no base/novel gating
+        return {h: s.argmax(1) for h, s in scores.items()}
+    binary = binary_logit.float().sigmoid().reshape(-1)
     return {h: gate(s, binary, base_idx, novel_idx, gating_threshold).argmax(1) for h, s in scores.items()}
 
 

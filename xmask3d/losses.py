@@ -74,6 +74,12 @@ class LossConfig:
     contra_novel_min: int = 10
     contra_base_ratio: float = 20.0
     contra_base_min: int = 150
+    # Component switches, copied from ModelConfig (set them there): a term of a switched-off
+    # component is absent from compute_losses' result, not zero.
+    mask_regularization: bool = True  # loss_3d_contra
+    fusion: bool = True  # loss_3d and loss_explicit_contra (on the fused feature)
+    binary_head: bool = True  # loss_binary
+    caption_losses: bool = True  # loss_explicit_contra, _3d, _2d_pre
 
     def __post_init__(self) -> None:
         if self.mask_selection not in ("labels", "scores"):
@@ -99,7 +105,7 @@ class LossConfig:
         )
 
     def contra_active(self, epoch: int) -> bool:
-        return self.contra_weight > 0 and epoch >= self.contra_start_epoch
+        return self.mask_regularization and self.contra_weight > 0 and epoch >= self.contra_start_epoch
 
 
 # --------------------------------------------------------------------------- 2D ground truth
@@ -388,18 +394,43 @@ def loss_weights(cfg: LossConfig, aux_layers: int = 0) -> dict[str, float]:
                     f"loss_dice_{i}": cfg.dice_weight,
                 }
             )
-    weights.update(
-        {
-            "loss_3d": cfg.loss_3d_weight,
-            "loss_3d_pure": cfg.loss_3d_pure_weight,
-            "loss_explicit_contra": cfg.caption_fused_weight,
-            "loss_explicit_contra_3d": cfg.caption_3d_weight,
-            "loss_explicit_contra_2d_pre": cfg.caption_2d_weight,
-            "loss_binary": cfg.binary_weight,
-            "loss_3d_contra": cfg.contra_weight,
-        }
-    )
+    if cfg.fusion:
+        weights["loss_3d"] = cfg.loss_3d_weight
+    weights["loss_3d_pure"] = cfg.loss_3d_pure_weight
+    if cfg.caption_losses:
+        if cfg.fusion:
+            weights["loss_explicit_contra"] = cfg.caption_fused_weight
+        weights["loss_explicit_contra_3d"] = cfg.caption_3d_weight
+        weights["loss_explicit_contra_2d_pre"] = cfg.caption_2d_weight
+    if cfg.binary_head:
+        weights["loss_binary"] = cfg.binary_weight
+    if cfg.mask_regularization:
+        weights["loss_3d_contra"] = cfg.contra_weight
     return weights
+
+
+def _regularisation_term(
+    outputs: dict[str, Any], batch_index: torch.Tensor, binary: torch.Tensor, cfg: LossConfig, epoch: int
+) -> torch.Tensor:
+    """loss_3d_contra; exactly 0 before ``contra_start_epoch`` (official)."""
+    if not cfg.contra_active(epoch):
+        return outputs["feats_3d"].sum() * 0.0
+    if outputs.get("mask_clip") is None:
+        raise ValueError(
+            f"loss_3d_contra is active at epoch {epoch} but the forward computed no MaskCLIP embeddings: "
+            "build the model with the same LossConfig as compute_losses"
+        )
+    selection = binary if cfg.mask_selection == "labels" else outputs["binary_logit"].sigmoid()
+    loss, _ = mask_regularisation(
+        outputs["point_probs"],
+        outputs["mask_confidence"],
+        outputs["feats_3d"],
+        outputs["mask_clip"],
+        batch_index,
+        selection,
+        cfg,
+    )
+    return loss
 
 
 def compute_losses(
@@ -427,36 +458,33 @@ def compute_losses(
         cfg.gt_fill_radius,
     )
     losses = SetCriterion(cfg)(pred_logits, pred_masks, targets, outputs.get("aux"))
-    losses["loss_3d"] = ce_3d(outputs["logits_3d_fused"], label_base, num_classes, cfg.ce_all_ignore_fallback)
+    if cfg.fusion:
+        losses["loss_3d"] = ce_3d(
+            outputs["logits_3d_fused"], label_base, num_classes, cfg.ce_all_ignore_fallback
+        )
     losses["loss_3d_pure"] = ce_3d(
         outputs["logits_3d_pure"], label_base, num_classes, cfg.ce_all_ignore_fallback
     )
-    caption, has_caption = batch["caption"].to(device), batch["has_caption"].to(device)
-    losses["loss_explicit_contra"] = caption_loss(outputs["feats_fused"], batch_index, caption, has_caption)
-    losses["loss_explicit_contra_3d"] = caption_loss(outputs["feats_3d"], batch_index, caption, has_caption)
-    losses["loss_explicit_contra_2d_pre"] = caption_loss(
-        outputs["feats_2d"], batch_index, caption, has_caption, select=outputs["covered"]
-    )
-    binary = batch["binary"].to(device)
-    losses["loss_binary"] = binary_loss(outputs["binary_logit"], binary, cfg.binary_pos_weight)
-    if cfg.contra_active(epoch):
-        if outputs.get("mask_clip") is None:
-            raise ValueError(
-                f"loss_3d_contra is active at epoch {epoch} but the forward computed no MaskCLIP embeddings: "
-                "build the model with the same LossConfig as compute_losses"
+    if cfg.caption_losses:
+        caption, has_caption = batch["caption"].to(device), batch["has_caption"].to(device)
+        if cfg.fusion:
+            losses["loss_explicit_contra"] = caption_loss(
+                outputs["feats_fused"], batch_index, caption, has_caption
             )
-        selection = binary if cfg.mask_selection == "labels" else outputs["binary_logit"].sigmoid()
-        losses["loss_3d_contra"], _ = mask_regularisation(
-            outputs["point_probs"],
-            outputs["mask_confidence"],
-            outputs["feats_3d"],
-            outputs["mask_clip"],
-            batch_index,
-            selection,
-            cfg,
+        losses["loss_explicit_contra_3d"] = caption_loss(
+            outputs["feats_3d"], batch_index, caption, has_caption
         )
-    else:
-        losses["loss_3d_contra"] = outputs["feats_3d"].sum() * 0.0
+        losses["loss_explicit_contra_2d_pre"] = caption_loss(
+            outputs["feats_2d"], batch_index, caption, has_caption, select=outputs["covered"]
+        )
+    binary = batch["binary"].to(device)
+    if cfg.binary_head:
+        if outputs.get("binary_logit") is None:
+            raise ValueError("loss_binary is on but the forward has no binary head: build the model "
+                             "with the same LossConfig as compute_losses")
+        losses["loss_binary"] = binary_loss(outputs["binary_logit"], binary, cfg.binary_pos_weight)
+    if cfg.mask_regularization:
+        losses["loss_3d_contra"] = _regularisation_term(outputs, batch_index, binary, cfg, epoch)
     weights = loss_weights(cfg, len(outputs.get("aux") or []))
     losses["total"] = sum(weights[k] * v for k, v in losses.items())
     return losses

@@ -8,6 +8,12 @@ with the 3D feature; MaskCLIP embeddings of the raw masks regularise the 3D feat
 ``forward`` (training) returns what ``xmask3d.losses.compute_losses`` needs; ``infer``
 (evaluation) returns per-point features, final masks and their MaskCLIP embeddings, with the
 official eval-time query dropping and binary gating.
+
+Component switches (``ModelConfig.implicit_condition``, ``mask_regularization``, ``fusion``,
+``binary_head``, ``caption_losses``; docs/ablation.md): a switched-off component is not built, so
+its parameters are absent from the model and its checkpoints. Without the implicit condition the
+3D branch has no global projection (``backbone3d.implicit``) and the UNet sees the plain E("")
+context; without the binary head ``binary_logit`` is None and evaluation does not gate.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xmask3d.backbone3d import Backbone3D, BinaryHead
+from xmask3d.backbone3d import Backbone3D, BinaryHead, sparse_input
 from xmask3d.clip import ClipImageTower
 from xmask3d.config import ModelConfig, preset, text_dim
 from xmask3d.fusion import (
@@ -44,7 +50,9 @@ class XMask3D(nn.Module):
         self.cfg = cfg
         self.text_dim = text_dim
         self.backbone3d = Backbone3D(cfg.backbone, text_dim)
-        self.binary_head = BinaryHead(cfg.backbone)
+        if not cfg.implicit_condition:
+            del self.backbone3d.implicit  # the global 3D vector only feeds the implicit condition
+        self.binary_head = BinaryHead(cfg.backbone) if cfg.binary_head else None
         self.mask_generator = MaskGenerator(cfg.mask_generator, cond_dim=text_dim, embed_dim=text_dim)
         self.classifier = MaskClassifier(text_dim, null_init)
         self.clip = ClipImageTower(cfg.clip, text_dim)
@@ -62,12 +70,24 @@ class XMask3D(nn.Module):
         out["images"] = out.pop("image").float() / 255.0
         return out
 
-    def encode_3d(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_3d(self, x: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """point_feat [N,D], global_3d [B,D] (None without the implicit condition), binary_logit
+        [N] (None without the binary head)."""
         b = x["images"].shape[0]
         feat = x["voxel_feat"].float()
-        out = self.backbone3d(x["voxel_coord"], feat, x["inverse"], b)
-        out["binary_logit"] = self.binary_head(x["voxel_coord"], feat, x["inverse"], b)
+        if self.cfg.implicit_condition:
+            out: dict[str, Any] = self.backbone3d(x["voxel_coord"], feat, x["inverse"], b)
+        else:
+            _, final = self.backbone3d.unet(sparse_input(x["voxel_coord"], feat, b))
+            out = {"point_feat": self.backbone3d.head(final)[x["inverse"]], "global_3d": None}
+        head = self.binary_head
+        out["binary_logit"] = head(x["voxel_coord"], feat, x["inverse"], b) if head is not None else None
         return out
+
+    def _generate(self, images: torch.Tensor, global_3d: torch.Tensor | None) -> dict[str, Any]:
+        if global_3d is None:  # no implicit condition: the generator only reads the batch size
+            global_3d = images.new_zeros(images.shape[0], self.text_dim)
+        return self.mask_generator(images, global_3d)
 
     def _fuse(self, x, feats_3d, point_mask, mask_embed):
         feats_2d, covered = point_mask_features(point_mask, mask_embed, x["batch_index"])
@@ -79,7 +99,8 @@ class XMask3D(nn.Module):
 
         -> pred_logits [B,Q,C+1], pred_masks [B,Q,h,w], aux (list of the same), feats_3d /
         feats_2d / feats_fused [N,D], covered [N], point_mask [N] (query id, -1 none),
-        logits_3d_fused / logits_3d_pure [N,C(+1)], binary_logit [N], image_size (H,W), and when
+        logits_3d_fused / logits_3d_pure [N,C(+1)], binary_logit [N] (None without the binary
+        head), global_3d [B,D] (None without the implicit condition), image_size (H,W), and when
         the mask regularisation is active: point_probs [N,Q], mask_confidence [B,Q], mask_clip [B,Q,D].
         """
         x = self._inputs(batch)
@@ -87,7 +108,7 @@ class XMask3D(nn.Module):
         size = tuple(x["images"].shape[-2:])
         three = self.encode_3d(x)
         feats_3d = three["point_feat"]
-        generated = self.mask_generator(x["images"], three["global_3d"])
+        generated = self._generate(x["images"], three["global_3d"])
         pred_masks, mask_embed = generated["pred_masks"], generated["mask_embed"]
         pred_logits = self.classifier.logits(mask_embed, base_text, with_null=True)
         aux = [
@@ -140,21 +161,25 @@ class XMask3D(nn.Module):
         -> feats_3d, feats_2d, covered, feats_fused [N,D], binary_logit [N], point_mask [N] (query
         id within the view, -1 none), mask_logits [B,Q,T+1] (gated if is_base), mask_keep [B,Q],
         mask_binary [B,Q] (mean binary prob over the mask's points), mask_clip [B,Q,D] (MaskCLIP),
-        logit_scale (float).
+        logit_scale (float). Without the binary head, binary_logit and mask_binary are None and
+        nothing is gated.
         """
         x = self._inputs(batch)
         all_text = all_text.to(x["images"].device, torch.float32)
         b, size = x["images"].shape[0], tuple(x["images"].shape[-2:])
         three = self.encode_3d(x)
         feats_3d, binary_logit = three["point_feat"], three["binary_logit"]
-        generated = self.mask_generator(x["images"], three["global_3d"])
+        generated = self._generate(x["images"], three["global_3d"])
         pred_masks, mask_embed = generated["pred_masks"], generated["mask_embed"]
         logits = self.classifier.logits(mask_embed, all_text, with_null=True)
         probs = upsample_masks(pred_masks.float(), size)
         point_probs = point_query_probs(probs, x["uv"], x["batch_index"])
-        mask_binary, count = query_binary_mean(point_probs, binary_logit.sigmoid(), x["batch_index"], b)
+        binary_prob = binary_logit.sigmoid() if binary_logit is not None else feats_3d.new_ones(len(feats_3d))
+        mask_binary, count = query_binary_mean(point_probs, binary_prob, x["batch_index"], b)
         keep = count > 0
-        if is_base is not None:
+        if binary_logit is None:  # no binary head: no base/novel gating
+            mask_binary = None
+        elif is_base is not None:
             logits = gate_query_logits(logits, mask_binary, is_base.to(torch.bool), self.cfg.binary_2d_thresh)
         pixel = assign_pixels(probs, query_scores(logits), keep)
         point_mask = lookup_points(pixel, x["uv"], x["batch_index"])
@@ -185,7 +210,7 @@ def build_model(
 def parameter_groups(model: XMask3D, lr_3d: float = 1e-3, lr_other: float = 1e-4) -> list[dict[str, Any]]:
     """AdamW groups as the official trainer: the 3D UNet + binary head at ``lr_3d``, every other
     trainable parameter at ``lr_other``; frozen parameters (requires_grad False) are left out."""
-    three_d = {id(p) for m in (model.backbone3d, model.binary_head) for p in m.parameters()}
+    three_d = {id(p) for m in (model.backbone3d, model.binary_head) if m is not None for p in m.parameters()}
     group_3d, group_other = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -198,9 +223,10 @@ def parameter_groups(model: XMask3D, lr_3d: float = 1e-3, lr_other: float = 1e-4
 
 def parameter_counts(model: XMask3D) -> dict[str, tuple[int, int]]:
     """Per component (trainable, frozen) parameter counts; works on the meta device too."""
-    parts: dict[str, nn.Module] = {
-        "backbone3d": model.backbone3d,
-        "binary_head": model.binary_head,
+    parts: dict[str, nn.Module] = {"backbone3d": model.backbone3d}
+    if model.binary_head is not None:
+        parts["binary_head"] = model.binary_head
+    parts |= {
         "sd_unet": model.mask_generator.unet,
         "sd_vae": model.mask_generator.vae,
         "mask_generator_head": model.mask_generator,  # minus the frozen SD parts, below
@@ -223,6 +249,11 @@ def parameter_counts(model: XMask3D) -> dict[str, tuple[int, int]]:
                 frozen += p.numel()
         counts[name] = (trainable, frozen)
     return counts
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (what the ablation table reports per variant)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def summary(name: str) -> str:
