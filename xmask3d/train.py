@@ -625,7 +625,7 @@ def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, mo
             model_uri = f"models:/{tracking.registered_model_name(bench.name)}/{version}"
         run.set_tags({"steps": fitted.step})
         run.end()
-    _barrier(info)
+    # no barrier here: evaluating a large validation set on rank 0 may outlast the collective timeout
     return TrainResult(run_id=run_id, checkpoint_path=ckpt, model_uri=model_uri, metrics=metrics,
                        model_version=version, experiment_id=run.experiment_id if run else None,
                        steps=fitted.step, evaluation=evaluation)
