@@ -52,3 +52,30 @@ def test_votes_and_unseen_points():
     # point 1: votes 1, 2, 2 -> 2; point 3 never seen -> nearest seen point (2) -> label 2
     assert votes.labels(xyz).tolist() == [0, 2, 2, 2]
     assert VoteAccumulator(2, 3).labels(xyz[:2]).tolist() == [-1, -1]
+
+
+def test_evaluation_artifacts(tmp_path):
+    from plyfile import PlyData
+
+    from xmask3d.evaluate import Evaluation, write_evaluation_artifacts
+
+    names = ("wall", "floor", "chair")
+    ious = {"3d": np.array([0.5, 0.25, np.nan]), "2d": np.array([0.1, 0.2, 0.0]),
+            "fused": np.array([0.6, 0.3, 0.05])}
+    metrics = {f"{h}/{k}": 0.1 for h in ("3d", "2d", "fused", "baseline")
+               for k in ("miou_base", "miou_novel", "hiou", "miou_all")}
+    xyz = np.random.default_rng(0).random((5, 3)).astype(np.float32)
+    evaluation = Evaluation("toy", metrics, ious, {"fused": np.eye(3, dtype=np.int64) * 4}, names, (2,),
+                            ["s0"], [{"scene_id": "s0", "xyz": xyz, "gt": np.array([0, 1, 2, 255, 0]),
+                                      "pred": np.array([0, 1, 1, 2, 0])}])
+    out = write_evaluation_artifacts(evaluation, tmp_path / "eval")
+    for png in ("iou_per_class.png", "confusion_fused.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "iou_per_class.md").read_text()
+    assert "| chair | novel | – | 0.0 | 5.0 |" in table and "| wall | base | 50.0 | 10.0 | 60.0 |" in table
+    gt = PlyData.read(str(out / "ply" / "s0_gt.ply"))["vertex"]
+    pred = PlyData.read(str(out / "ply" / "s0_pred.ply"))["vertex"]
+    assert len(gt) == 5 and np.allclose(gt["x"], xyz[:, 0])
+    assert (gt["red"][3], gt["green"][3], gt["blue"][3]) == (128, 128, 128)  # ignore is grey
+    assert (gt["red"][2], gt["green"][2]) != (pred["red"][2], pred["green"][2])  # chair vs floor colour
+    assert "fused" in evaluation.table() and "majority-class baseline" in evaluation.table()
