@@ -5,7 +5,7 @@ images ray-cast analytically from cameras inside the room (real occlusion by fur
 baseline is ``openscene_mapping`` (a faithful copy of OpenScene's ``compute_mapping``) run per
 frame into a dense [F,N,3] int matrix; the correspondences of both must be identical.
 
-    .venv/bin/python benchmarks/bench_projection.py                 # ~150k points x 40 frames
+    .venv/bin/python benchmarks/bench_projection.py                 # ~150k points x 100 frames
     .venv/bin/python benchmarks/bench_projection.py --points 500000 --frames 200
 """
 
@@ -77,7 +77,7 @@ def render_depth(pose: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", type=int, default=150_000)
-    ap.add_argument("--frames", type=int, default=40)
+    ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
