@@ -211,6 +211,7 @@ def train(
 ) -> None:
     """Train XMask3D on one benchmark, tracked in MLflow."""
     import logging
+    import os
 
     from xmask3d.tracking import promote_if_better
     from xmask3d.train import train as run_training
@@ -221,6 +222,8 @@ def train(
     result = run_training(store, benchmark, preset, train_preset(preset, **overrides),
                           tracking_uri=tracking_uri, resume=resume, sd_dir=sd_dir,
                           clip_checkpoint=clip_checkpoint)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports and promotes
+        return
     if result.evaluation is not None:
         typer.echo(result.evaluation.table())
     promoted = False
