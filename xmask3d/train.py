@@ -492,17 +492,21 @@ def check_text_encoder(store_path: Path, store: StoreInfo, encoder: Any) -> None
 
 def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConfig | None = None,
           tracking_uri: str | None = None, resume: str | Path | None = None, sd_dir: str | Path | None = None,
-          clip_checkpoint: str | Path | None = None) -> TrainResult:
+          clip_checkpoint: str | Path | None = None, switches: Mapping[str, bool] | None = None
+          ) -> TrainResult:
     """Train XMask3D on `benchmark` from the store, evaluate, log to MLflow, register the model.
 
     Every input is checked before training starts (InputError): benchmark name, store dataset
     and labels, text encoder of the store vs the preset, MLflow backend reachable, and a resumed
     checkpoint's preset/benchmark. `resume` is a checkpoint file/dir or an MLflow run id (its
     local `checkpoints/<run_id>/last.pt`, else the run's checkpoint artifact). `sd_dir` and
-    `clip_checkpoint` are the local pretrained weights of the `paper` preset.
+    `clip_checkpoint` are the local pretrained weights of the `paper` preset. `switches` turns model
+    components off (``xmask3d.config.SWITCHES``, e.g. ``{"fusion": False}``; the ablation study); a
+    resumed checkpoint must have the same switches.
     """
     from preprocessing.benchmarks import get_benchmark
     from xmask3d import tracking
+    from xmask3d.config import check_switches, with_switches
     from xmask3d.config import preset as model_preset
     from xmask3d.evaluate import evaluation_protocol
     from xmask3d.text import build_text_encoder
@@ -512,7 +516,8 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
     cfg = cfg or train_preset(preset)
     if cfg.preset != preset:
         raise InputError(f"training config is for preset {cfg.preset!r}, not {preset!r}")
-    model_cfg = model_preset(preset, sd_dir=sd_dir, clip_checkpoint=clip_checkpoint)
+    model_cfg = with_switches(model_preset(preset, sd_dir=sd_dir, clip_checkpoint=clip_checkpoint),
+                              **(switches or {}))
     weights = {"sd_dir": str(sd_dir) if sd_dir else None,
                "clip_checkpoint": str(clip_checkpoint) if clip_checkpoint else None}
     loss_cfg = model_cfg.loss.with_benchmark(bench)
@@ -530,6 +535,7 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
         ckpt, run_id = resolve_resume(resume, uri, checkpoint_root, checkpoint_root / ".downloads")
         payload = load_checkpoint(ckpt)
         check_compatible(payload, ckpt, preset=preset, benchmark=benchmark)
+        check_switches(payload.get("model_config"), model_cfg, str(ckpt))
         run_id = run_id or payload.get("run_id")
     encoder = build_text_encoder(model_cfg.text_encoder)
     check_text_encoder(store_path, store, encoder)
@@ -591,7 +597,8 @@ def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, mo
     from xmask3d.model import build_model
 
     seed_everything(cfg.seed)
-    model = build_model(model_cfg, encoder.dim)
+    # the null class starts at the text embedding of "" (official), in the run's text space
+    model = build_model(model_cfg, encoder.dim, null_init=encoder.encode([""])[0])
     seed_everything(cfg.seed + 1000 * info.rank)
     base_text = encoder.encode(list(bench.base)).to(info.device)
     dataset = SceneViewDataset(store_path, bench.name, split="train", mode="train", voxel_size=cfg.voxel_size,
