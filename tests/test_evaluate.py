@@ -79,3 +79,15 @@ def test_evaluation_artifacts(tmp_path):
     assert (gt["red"][3], gt["green"][3], gt["blue"][3]) == (128, 128, 128)  # ignore is grey
     assert (gt["red"][2], gt["green"][2]) != (pred["red"][2], pred["green"][2])  # chair vs floor colour
     assert "fused" in evaluation.table() and "majority-class baseline" in evaluation.table()
+
+
+def test_cli_bad_model_exit_code_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from xmask3d.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", "--store", str(tmp_path / "s.zarr"), "--benchmark",
+                                      "scannet20-b15n4", "--model", str(tmp_path / "nope" / "last.pt")])
+    assert result.exit_code == 2
+    assert "checkpoint not found" in result.output
+    assert not (tmp_path / "mlruns.db").exists()

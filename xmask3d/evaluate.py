@@ -394,6 +394,8 @@ def resolve_model(model: str, tracking_uri: str | None, download_dir: Path) -> t
     path = Path(model)
     if path.exists():
         return (path / LAST_NAME if path.is_dir() else path), None
+    if not model.startswith("models:/") and ("/" in model or "." in model):
+        raise InputError(f"{model}: checkpoint not found")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_tracking_available(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -416,8 +418,6 @@ def resolve_model(model: str, tracking_uri: str | None, download_dir: Path) -> t
         if not found:
             raise InputError(f"model {model}: no checkpoint among its artifacts")
         return found[0], version.run_id
-    if "/" in model or "." in model:
-        raise InputError(f"{model}: checkpoint not found")
     return tracking.download_run_checkpoint(uri, model, download_dir), model
 
 
