@@ -284,6 +284,7 @@ class Evaluation:
     scenes: list[str]
     examples: list[dict[str, np.ndarray | str]] = field(default_factory=list)  # for PLY export
     run_id: str | None = None
+    panels: dict[str, bytes] = field(default_factory=dict)  # xmask3d.panels PNGs by file name
 
     def table(self) -> str:
         """Plain-text table: one row per head (and the baseline), mIoU base / novel / hIoU in %."""
@@ -315,10 +316,15 @@ def train_majority_class(store_path: Path, bench: Benchmark) -> tuple[list[np.nd
 
 
 def evaluate_loaded(loaded: LoadedModel, store_path: Path, benchmark: str, max_views: int = 0,
-                    ply_scenes: int = 3, scenes: list[str] | None = None) -> Evaluation:
-    """Evaluate on the store's validation scenes (or `scenes`): metrics per head + baseline."""
+                    ply_scenes: int = 3, scenes: list[str] | None = None, panel_scenes: int = 2,
+                    panel_views: int = 3) -> Evaluation:
+    """Evaluate on the store's validation scenes (or `scenes`): metrics per head + baseline.
+
+    The first `panel_scenes` scenes also get qualitative panels (`panel_views` views each and a
+    top-down render; xmask3d.panels)."""
     from storage.dataset import scene_labels
     from storage.store import open_store
+    from xmask3d.panels import scene_panels
 
     bench = get_benchmark(benchmark)
     store = open_store(store_path)
@@ -328,6 +334,8 @@ def evaluate_loaded(loaded: LoadedModel, store_path: Path, benchmark: str, max_v
     T = bench.num_classes
     acc = {h: ConfusionAccumulator(T) for h in HEADS}
     gts, examples = [], []
+    panels: dict[str, bytes] = {}
+    panel_ids: list[str] = []
     for pred in predict_scenes(loaded, Path(store_path), bench, scene_ids, max_views):
         scene = store.scene(pred.scene_id)
         gt = scene_labels(scene, bench).astype(np.int64)
@@ -337,6 +345,10 @@ def evaluate_loaded(loaded: LoadedModel, store_path: Path, benchmark: str, max_v
             if (labels < 0).any():  # no valid view at all: every point counts as wrong
                 labels = np.where(labels < 0, (gt + 1) % T, labels)
             acc[head].update(labels, gt)
+        if len(panel_ids) < panel_scenes:
+            panel_ids.append(pred.scene_id)
+            panels.update(scene_panels(scene, gt, pred.heads, bench.class_names, bench.novel_indices,
+                                       views=panel_views))
         if len(examples) < ply_scenes:
             examples.append({"scene_id": pred.scene_id, "xyz": scene["points/xyz"][:], "gt": gt,
                              "pred": pred.heads["fused"]})
@@ -353,11 +365,12 @@ def evaluate_loaded(loaded: LoadedModel, store_path: Path, benchmark: str, max_v
         metrics[f"fused/iou/{name}"] = float(value)
     return Evaluation(bench.name, metrics, ious, {h: a.matrix for h, a in acc.items()},
                       tuple(bench.class_names), tuple(int(i) for i in bench.novel_indices), list(scene_ids),
-                      examples)
+                      examples, panels=panels)
 
 
 def write_evaluation_artifacts(evaluation: Evaluation, out_dir: Path) -> Path:
-    """Bar chart, confusion matrix, markdown IoU table, metrics JSON, PLY pairs under `out_dir`."""
+    """Bar chart, confusion matrix, markdown IoU table, metrics JSON, PLY pairs and the qualitative
+    panels (`panels/`) under `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names, novel = evaluation.class_names, evaluation.novel_indices
     plots.iou_bar_chart(out_dir / "iou_per_class.png", names, evaluation.ious, novel,
@@ -369,6 +382,9 @@ def write_evaluation_artifacts(evaluation: Evaluation, out_dir: Path) -> Path:
     title = f"# {evaluation.benchmark}: per-class IoU (%)"
     (out_dir / "iou_per_class.md").write_text(f"{title}\n\n{table}{summary}")
     (out_dir / "metrics.json").write_text(json.dumps(evaluation.metrics, indent=1, sort_keys=True))
+    for name, png in evaluation.panels.items():
+        (out_dir / "panels").mkdir(exist_ok=True)
+        (out_dir / "panels" / name).write_bytes(png)
     for example in evaluation.examples:
         plots.write_prediction_plys(out_dir / "ply", str(example["scene_id"]), example["xyz"],
                                     example["pred"], example["gt"], len(names))
