@@ -1,0 +1,312 @@
+"""Open-vocabulary experiment: does caption supervision teach the model classes it never saw labelled?
+
+On the synthetic benchmark ``synthetic-b15n4`` (docs/openvocab.md) the novel classes' points never
+carry a training label; they reach training only through the view captions. The runner
+
+1. writes synthetic raw ScanNet scenes (``preprocessing.synthetic.write_scannet``);
+2. preprocesses them twice into two stores that differ only in the captions: ``captions.zarr``
+   with the generator's captions, ``no_captions.zarr`` from a caption file that names no frame
+   (every view has ``has_caption = False``, so the three caption-alignment losses are zero);
+3. trains the same model (``xmask3d.train.train``, evaluation on the held-out scenes included)
+   on each store for every seed, and tags each MLflow run with its condition and seed;
+4. scores two baselines on the same held-out scenes: the majority base class of the training
+   scenes (``xmask3d.evaluate``) and a nearest-class-name baseline (each view's points take the
+   class whose name embedding is nearest to the view's caption embedding);
+5. summarises novel / base mIoU and hIoU per head and condition (mean, min, max over seeds) and
+   logs the summary as its own MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage.errors import InputError
+
+log = logging.getLogger(__name__)
+
+BENCHMARK = "synthetic-b15n4"
+CONDITIONS = ("captions", "no-captions")
+HEADS = ("3d", "2d", "fused")
+SPLITS = ("miou_base", "miou_novel", "hiou")
+
+
+@dataclass
+class OpenVocabConfig:
+    """One experiment: data, training recipe overrides and seeds."""
+
+    benchmark: str = BENCHMARK
+    preset: str = "tiny"
+    scenes: int = 8  # synthetic scenes; the last max(1, scenes // 4) are held out (val)
+    data_seed: int = 0
+    seeds: tuple[int, ...] = (0, 1)
+    conditions: tuple[str, ...] = CONDITIONS
+    # overrides of the `tiny` training recipe (xmask3d.train.TRAIN_PRESETS)
+    epochs: int = 6
+    loop: int = 8
+    batch_size: int = 2
+    max_steps: int = 0
+    eval_max_views: int = 0
+    log_every: int = 8
+
+    def __post_init__(self) -> None:
+        unknown = set(self.conditions) - set(CONDITIONS)
+        if unknown or not self.conditions:
+            raise InputError(f"conditions must be among {list(CONDITIONS)}, got {list(self.conditions)}")
+        if not self.seeds:
+            raise InputError("at least one seed is needed")
+        if self.scenes < 2:
+            raise InputError(f"scenes must be >= 2 (train + held-out), got {self.scenes}")
+
+
+@dataclass
+class RunRecord:
+    condition: str
+    seed: int
+    run_id: str
+    steps: int
+    seconds: float
+    metrics: dict[str, float]
+
+
+@dataclass
+class OpenVocabResult:
+    config: OpenVocabConfig
+    runs: list[RunRecord]
+    baselines: dict[str, dict[str, float]]  # name -> {miou_base, miou_novel, hiou}
+    tracking_uri: str
+    summary_run_id: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def values(self, condition: str, head: str, split: str) -> list[float]:
+        return [r.metrics.get(f"{head}/{split}", math.nan) for r in self.runs if r.condition == condition]
+
+    def mean(self, condition: str, head: str, split: str) -> float:
+        values = [v for v in self.values(condition, head, split) if not math.isnan(v)]
+        return statistics.fmean(values) if values else math.nan
+
+    def novel_gain(self, head: str = "fused") -> list[float]:
+        """Per seed: novel mIoU with captions minus without (seeds present in both conditions)."""
+        by = {(r.condition, r.seed): r.metrics.get(f"{head}/miou_novel", math.nan) for r in self.runs}
+        return [by[("captions", s)] - by[("no-captions", s)] for s in self.config.seeds
+                if ("captions", s) in by and ("no-captions", s) in by]
+
+    def table(self) -> str:
+        """Markdown table in %: mean [min, max] over seeds per condition and head, then baselines."""
+        lines = ["| condition | head | mIoU base | mIoU novel | hIoU |", "|---|---|---|---|---|"]
+
+        def cell(values: list[float]) -> str:
+            values = [v for v in values if not math.isnan(v)]
+            if not values:
+                return "–"
+            mean = 100 * statistics.fmean(values)
+            if len(values) == 1:
+                return f"{mean:.1f}"
+            return f"{mean:.1f} [{100 * min(values):.1f}, {100 * max(values):.1f}]"
+
+        for condition in self.config.conditions:
+            for head in HEADS:
+                cells = [cell(self.values(condition, head, s)) for s in SPLITS]
+                lines.append(f"| {condition} | {head} | " + " | ".join(cells) + " |")
+        for name, m in self.baselines.items():
+            cells = [cell([m.get(s, math.nan)]) for s in SPLITS]
+            lines.append(f"| {name} | – | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def prepare_data(out_dir: Path, cfg: OpenVocabConfig, show_progress: bool = True) -> dict[str, Path]:
+    """Synthetic raw scenes and the two stores (condition -> store path); reuses complete ones."""
+    from preprocessing.pipeline import PreprocessConfig, prepare_store, preprocess_scannet_scene
+    from preprocessing.synthetic import write_scannet
+
+    raw = out_dir / "raw"
+    captions = raw / "captions.json"
+    scans = raw / "scans"
+    have = len([p for p in scans.iterdir() if p.name.startswith("scene")]) if scans.is_dir() else 0
+    if not captions.is_file() or have != cfg.scenes:
+        write_scannet(raw, scenes=cfg.scenes, small=True, seed=cfg.data_seed, progress=show_progress)
+    # the same scenes with every caption removed: a caption file that names no frame
+    removed = out_dir / "captions_removed.json"
+    scene_ids = sorted(json.loads(captions.read_text()))
+    removed.write_text(json.dumps({scene: {} for scene in scene_ids}))
+    stores = {}
+    for condition, caption_file in (("captions", captions), ("no-captions", removed)):
+        if condition not in cfg.conditions:
+            continue
+        store = out_dir / f"{condition.replace('-', '_')}.zarr"
+        pcfg = PreprocessConfig(captions=caption_file, text_encoder="minilm", show_progress=show_progress)
+        listing, pcfg = prepare_store("scannet", raw, store, pcfg)
+        for scene_id, split in listing.items():
+            summary = preprocess_scannet_scene(raw, scene_id, store, pcfg, split)
+            if summary.status == "failed":
+                raise InputError(f"{raw}: preprocessing {scene_id} failed: {summary.error}")
+        stores[condition] = store
+    return stores
+
+
+# --------------------------------------------------------------------------------------------
+# Nearest-class-name baseline
+
+
+def caption_name_baseline(store_path: Path, benchmark: str, encoder: Any,
+                          scenes: list[str] | None = None) -> dict[str, float]:
+    """Each captioned view votes, for all its visible points, the class whose name embedding is
+    nearest (cosine) to the view's caption embedding; unseen points take the nearest voted point.
+    Uses no model and no training: what matching captions to class names gives on its own."""
+    from preprocessing.benchmarks import get_benchmark
+    from storage.dataset import scene_labels
+    from storage.store import open_store
+    from xmask3d.evaluate import VoteAccumulator
+    from xmask3d.metrics import ConfusionAccumulator, split_scores
+
+    bench = get_benchmark(benchmark)
+    store = open_store(store_path)
+    names = encoder.encode(list(bench.class_names)).numpy().astype(np.float32)
+    names /= np.linalg.norm(names, axis=1, keepdims=True)
+    acc = ConfusionAccumulator(bench.num_classes)
+    for scene_id in scenes if scenes is not None else store.scene_ids("val"):
+        scene = store.scene(scene_id)
+        xyz = scene["points/xyz"][:]
+        texts = scene["captions/text"][:]
+        clip = scene["captions/clip"][:].astype(np.float32)
+        votes = VoteAccumulator(len(xyz), bench.num_classes)
+        for view in range(scene.num_frames):
+            if view >= len(texts) or not str(texts[view]).strip():
+                continue
+            point, _ = scene.view(view)
+            label = int(np.argmax(names @ clip[view]))
+            votes.add(point, np.full(len(point), label))
+        pred = votes.labels(xyz)
+        gt = scene_labels(scene, bench).astype(np.int64)
+        if (pred < 0).any():
+            pred = np.where(pred < 0, (gt + 1) % bench.num_classes, pred)
+        acc.update(pred, gt)
+    return split_scores(acc.iou(), bench.base_indices, bench.novel_indices).as_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment
+
+
+def train_condition(store: Path, cfg: OpenVocabConfig, condition: str, seed: int, out_dir: Path,
+                    tracking_uri: str) -> RunRecord:
+    """One training run (with its held-out evaluation) through ``xmask3d.train.train``."""
+    from mlflow import MlflowClient
+
+    from xmask3d.train import train, train_preset
+
+    overrides: dict[str, Any] = {"seed": seed, "epochs": cfg.epochs, "loop": cfg.loop,
+                                 "batch_size": cfg.batch_size, "max_steps": cfg.max_steps,
+                                 "eval_max_views": cfg.eval_max_views, "log_every": cfg.log_every,
+                                 "ply_scenes": 0, "checkpoint_dir": str(out_dir / "checkpoints")}
+    start = time.monotonic()
+    result = train(store, cfg.benchmark, cfg.preset, train_preset(cfg.preset, **overrides),
+                   tracking_uri=tracking_uri)
+    seconds = time.monotonic() - start
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for key, value in {"openvocab.condition": condition, "openvocab.seed": seed}.items():
+        client.set_tag(result.run_id, key, str(value))
+    log.info("%s seed %d: %d steps in %.0f s, fused novel mIoU %.3f", condition, seed, result.steps, seconds,
+             result.metrics.get("fused/miou_novel", math.nan))
+    return RunRecord(condition, seed, result.run_id, result.steps, seconds, dict(result.metrics))
+
+
+def run_openvocab(out_dir: Path, cfg: OpenVocabConfig | None = None, tracking_uri: str | None = None,
+                  show_progress: bool = True) -> OpenVocabResult:
+    """The whole experiment (see the module docstring); every run logged to ``tracking_uri``
+    (default ``sqlite:///<out_dir>/mlruns.db``)."""
+    from preprocessing.benchmarks import get_benchmark
+    from xmask3d.text import build_text_encoder
+    from xmask3d.tracking import RunTracker
+
+    cfg = cfg or OpenVocabConfig()
+    get_benchmark(cfg.benchmark)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: output path exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri or f"sqlite:///{(out_dir / 'mlruns.db').resolve()}"
+    seconds: dict[str, float] = {}
+
+    start = time.monotonic()
+    stores = prepare_data(out_dir, cfg, show_progress)
+    seconds["data"] = time.monotonic() - start
+
+    runs = []
+    start = time.monotonic()
+    for seed in cfg.seeds:
+        for condition in cfg.conditions:
+            runs.append(train_condition(stores[condition], cfg, condition, seed, out_dir, uri))
+    seconds["train+evaluate"] = time.monotonic() - start
+
+    reference = stores.get("captions", next(iter(stores.values())))
+    baselines: dict[str, dict[str, float]] = {}
+    first = runs[0].metrics
+    baselines["majority-class baseline"] = {s: first.get(f"baseline/{s}", math.nan) for s in SPLITS}
+    if "captions" in stores:
+        encoder = build_text_encoder("minilm")
+        baselines["nearest-class-name baseline"] = caption_name_baseline(stores["captions"], cfg.benchmark,
+                                                                         encoder)
+    result = OpenVocabResult(cfg, runs, baselines, uri, seconds=seconds)
+
+    run = RunTracker(uri, cfg.benchmark, run_name=f"openvocab-{cfg.benchmark}",
+                     tags={"kind": "openvocab-summary", "store": str(reference.resolve())})
+    try:
+        run.log_params({"openvocab": asdict(cfg), "runs": {f"{r.condition}.seed{r.seed}": r.run_id
+                                                            for r in runs}})
+        metrics = {}
+        for condition in cfg.conditions:
+            for head in HEADS:
+                for split in SPLITS:
+                    metrics[f"{condition}/{head}/{split}"] = result.mean(condition, head, split)
+        for name, m in baselines.items():
+            key = name.split(" ")[0]
+            metrics.update({f"{key}/{s}": v for s, v in m.items()})
+        for head in HEADS:
+            gains = result.novel_gain(head)
+            if gains:
+                metrics[f"gain/{head}/miou_novel_mean"] = statistics.fmean(gains)
+                metrics[f"gain/{head}/miou_novel_min"] = min(gains)
+        run.log_metrics(metrics, step=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "openvocab.md"
+            path.write_text(report(result) + "\n")
+            run.log_artifact(path, "openvocab")
+    except BaseException:
+        run.end("FAILED")
+        raise
+    run.end()
+    result.summary_run_id = run.run_id
+    return result
+
+
+def report(result: OpenVocabResult) -> str:
+    """The table, the per-seed novel-mIoU differences and the runs, as markdown."""
+    cfg = result.config
+    lines = [f"{cfg.benchmark}, preset {cfg.preset}, {cfg.scenes} synthetic scenes "
+             f"(data seed {cfg.data_seed}), seeds {list(cfg.seeds)}, epochs {cfg.epochs}, loop {cfg.loop}, "
+             f"batch {cfg.batch_size}", "", "mean [min, max] over seeds, %:", "", result.table(), ""]
+    for head in HEADS:
+        gains = result.novel_gain(head)
+        if gains:
+            lines.append(f"novel mIoU gain with captions, {head} head, per seed: "
+                         + ", ".join(f"{100 * g:+.1f}" for g in gains))
+    lines.append("")
+    for r in result.runs:
+        lines.append(f"- {r.condition} seed {r.seed}: run {r.run_id}, {r.steps} steps, {r.seconds:.0f} s")
+    if result.summary_run_id:
+        lines.append(f"- summary run {result.summary_run_id} ({result.tracking_uri})")
+    return "\n".join(lines)
