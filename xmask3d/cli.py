@@ -252,6 +252,65 @@ def evaluate(
     typer.echo(f"MLflow run {result.run_id}")
 
 
+@app.command()
+@user_errors
+def ablate(
+    benchmark: Annotated[str, typer.Option(help="e.g. scannet20-b15n4")],
+    preset: Annotated[str, typer.Option(help="tiny|small|paper")] = "tiny",
+    store: Annotated[Path, typer.Option(help="preprocessed store")] = Path("data/scannet.zarr"),
+    variants: Annotated[str | None, typer.Option(
+        help="comma-separated: full, no-implicit-condition, no-mask-regularization, no-fusion, "
+             "no-binary-head, no-caption-losses, or several joined by '+' (default: full and each alone)")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="override the preset's epochs")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="stop each variant after this many steps")] = None,
+    max_views: Annotated[int, typer.Option(help="views per val scene (0 = all)")] = 0,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default $MLFLOW_TRACKING_URI, "
+                                                          "else sqlite:///mlruns.db)")] = None,
+) -> None:
+    """Ablation study: train + evaluate model variants as nested MLflow runs, print the comparison table."""
+    import logging
+
+    from xmask3d.ablate import resolve_variants
+    from xmask3d.train import check_store, train_preset
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("mlflow", "sentence_transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    names = resolve_variants(variants)  # bad names fail here, before Prefect starts
+    overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
+    train_preset(preset, **overrides)
+    from preprocessing.benchmarks import get_benchmark
+
+    check_store(store, get_benchmark(benchmark), need_val=True)
+    from flows.ablate import ablate as ablate_flow
+
+    result = ablate_flow(store=str(store), benchmark=benchmark, preset=preset, variants=names,
+                         train_config=overrides or None, tracking_uri=tracking_uri, max_views=max_views)
+    from xmask3d.ablate import table_markdown
+
+    typer.echo(table_markdown(result["rows"], benchmark, preset))
+    typer.echo(f"MLflow parent run {result['parent_run_id']}")
+
+
+@app.command()
+@user_errors
+def render(
+    run: Annotated[str, typer.Option(help="MLflow run id, models:/NAME@alias or a checkpoint")],
+    scene: Annotated[str, typer.Option(help="scene id in the store")],
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("panels"),
+    store: Annotated[Path | None, typer.Option(help="store (default: the run's training store)")] = None,
+    views: Annotated[int, typer.Option(help="views per scene")] = 3,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default $MLFLOW_TRACKING_URI)")
+                            ] = None,
+) -> None:
+    """Qualitative panels of one scene: views with GT and the 3D / 2D / fused predictions, top-down."""
+    from xmask3d.panels import render_run
+
+    for path in render_run(run, scene, out, store=store, tracking_uri=tracking_uri, views=views):
+        typer.echo(str(path))
+
+
 @app.command("model-summary")
 @user_errors
 def model_summary(preset: Annotated[str, typer.Option(help="tiny|small|paper")] = "tiny") -> None:

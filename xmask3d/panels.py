@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib
 
@@ -287,3 +288,52 @@ def scene_panels(scene, gt: np.ndarray, heads: Mapping[str, np.ndarray], class_n
     out[f"{scene_id}_topdown.png"] = topdown_panel(xyz, gt, heads, class_names, novel_indices,
                                                    f"{prefix}{scene_id} from above")
     return out
+
+
+def render_run(model: str, scene_id: str, out_dir: Path, store: Path | None = None,
+               tracking_uri: str | None = None, views: int = 3) -> list[Path]:
+    """Panels of one scene for a trained model, written to ``out_dir`` (``xmask3d render``).
+
+    ``model`` is an MLflow run id (its checkpoint artifact), ``models:/NAME@alias`` or a checkpoint
+    path; the store defaults to the one the run was trained on (param ``data.store``). The scene is
+    predicted with every view, as in evaluation. -> the written PNG paths.
+    """
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from preprocessing.benchmarks import get_benchmark
+    from storage.dataset import scene_labels
+    from storage.errors import InputError
+    from storage.store import open_store
+    from xmask3d import tracking
+    from xmask3d.evaluate import load_model_for_inference, predict_scene, resolve_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, run_id = resolve_model(model, tracking_uri, Path(tmp))
+        loaded = load_model_for_inference(checkpoint)
+    run_id = run_id or loaded.run_id
+    if store is None:
+        if run_id is None:
+            raise InputError(f"{model}: no MLflow run to read the store from; pass --store")
+        uri = tracking.resolve_tracking_uri(tracking_uri)
+        params = MlflowClient(tracking_uri=uri).get_run(run_id).data.params
+        if "data.store" not in params:
+            raise InputError(f"MLflow run {run_id} records no data.store param; pass --store")
+        store = Path(params["data.store"])
+    opened = open_store(store)
+    if scene_id not in opened.scene_ids():
+        raise InputError(f"{store}: no scene {scene_id!r} (scenes: {', '.join(opened.scene_ids()[:8])} ...)")
+    bench = get_benchmark(loaded.benchmark)
+    prediction = predict_scene(loaded, Path(store), scene_id, bench.name)
+    scene = opened.scene(scene_id)
+    gt = scene_labels(scene, bench).astype(np.int64)
+    label = f"{bench.name}, run {run_id[:8]}" if run_id else bench.name
+    pngs = scene_panels(scene, gt, prediction.heads, bench.class_names, bench.novel_indices, views, label)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, png in pngs.items():
+        (out_dir / name).write_bytes(png)
+        paths.append(out_dir / name)
+    return paths
