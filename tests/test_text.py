@@ -41,3 +41,22 @@ def test_openclip_tiny_is_random_init_but_identical_in_every_build(caplog):
 def test_bad_specs_are_input_errors(spec, message):
     with pytest.raises(InputError, match=message):
         build_text_encoder(spec)
+
+
+@pytest.mark.slow
+def test_openclip_loads_real_weights_from_a_local_checkpoint(tmp_path):
+    """A checkpoint file (here: a small registered architecture with seeded weights) is loaded with
+    open_clip's own loader; a checkpoint of another architecture is refused."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-S-32-alt")
+    path = tmp_path / "clip.bin"
+    torch.save(model.state_dict(), path)
+    enc = build_text_encoder(f"openclip:ViT-S-32-alt:{path}")
+    assert enc.name == "openclip:ViT-S-32-alt:clip.bin" and enc.dim == 256 and not enc.random_init
+    texts = ["a sofa", "a lamp"]
+    expected = model.eval().encode_text(open_clip.get_tokenizer("ViT-S-32-alt")(texts), normalize=True)
+    assert torch.allclose(enc.encode(texts), expected, atol=1e-5)
+    with pytest.raises(InputError, match="cannot load ViT-S-32 weights"):
+        build_text_encoder(f"openclip:ViT-S-32:{path}")

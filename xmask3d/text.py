@@ -99,8 +99,9 @@ class OpenClipTextEncoder:
                 raise InputError(f"{checkpoint}: CLIP checkpoint not found")
             try:
                 model = open_clip.create_model(model_name, pretrained=str(checkpoint))
-            except RuntimeError as error:
-                raise InputError(f"{checkpoint}: cannot load {model_name} weights: {error}") from error
+            except (RuntimeError, AssertionError, KeyError, ValueError) as error:  # shape/key mismatches
+                message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise InputError(f"{checkpoint}: cannot load {model_name} weights: {message}") from error
             model.visual = None  # the text tower only
             self.tower = model
             self.tokenizer = open_clip.get_tokenizer(model_name)
