@@ -191,11 +191,11 @@ def topdown_raster(xyz: np.ndarray, labels: np.ndarray, keep: np.ndarray, size: 
     Each cell takes the label of its highest kept point; empty cells within ``fill`` cells of a
     filled one take the nearest filled cell's label, so a sparse point cloud reads as surfaces.
     """
-    xy = xyz[:, :2]
-    low, span = xy.min(0), np.ptp(xy, axis=0).max() + 1e-6
-    cell = span / (size - 1)
-    col = ((xy[:, 0] - low[0]) / cell).astype(np.int64)
-    row = ((xy[:, 1] - low[1]) / cell).astype(np.int64)
+    xy = xyz[:, :2].astype(np.float64)
+    low = xy.min(0)
+    cell = max(float(np.ptp(xy, axis=0).max()), 1e-6) / (size - 1)
+    col = np.round((xy[:, 0] - low[0]) / cell).astype(np.int64)
+    row = np.round((xy[:, 1] - low[1]) / cell).astype(np.int64)
     w, h = int(col.max()) + 1, int(row.max()) + 1
     image = np.full((h, w), -2, dtype=np.int64)
     order = np.flatnonzero(keep)[np.argsort(xyz[keep, 2], kind="stable")]
