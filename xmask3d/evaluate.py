@@ -424,10 +424,13 @@ def resolve_model(model: str, tracking_uri: str | None, download_dir: Path) -> t
             else:
                 name, number = ref.rsplit("/", 1)
                 version = client.get_model_version(name, number)
+            import mlflow
             import mlflow.artifacts
 
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(download_dir),
-                                                             tracking_uri=uri))
+            # models:/ resolution reads the process-wide URIs (the argument alone is not enough)
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_registry_uri(uri)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(download_dir)))
         except (MlflowException, ValueError) as error:
             raise InputError(f"model {model}: not found in the registry at {uri} ({error})") from error
         found = sorted(local.rglob(LAST_NAME))
