@@ -21,7 +21,29 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared cores: no OpenMP busy-waiting
 
-from xmask3d.openvocab import CONDITIONS, OpenVocabConfig, report, run_openvocab  # noqa: E402
+from xmask3d.openvocab import (  # noqa: E402
+    CONDITIONS,
+    OpenVocabConfig,
+    OpenVocabResult,
+    RunRecord,
+    report,
+    run_openvocab,
+)
+
+
+def combine(out: Path) -> str:
+    """One report over the runs of several invocations (e.g. seeds run in parallel processes)."""
+    runs, baselines, config = [], {}, None
+    for path in sorted(out.glob("result-*.json")):
+        record = json.loads(path.read_text())
+        runs += [RunRecord(**r) for r in record["runs"]]
+        baselines = record["baselines"]
+        config = record["config"]
+    if config is None:
+        raise SystemExit(f"{out}: no result-*.json")
+    seeds = tuple(sorted({r.seed for r in runs}))
+    cfg = OpenVocabConfig(**{**config, "seeds": seeds, "conditions": tuple(config["conditions"])})
+    return report(OpenVocabResult(cfg, runs, baselines, tracking_uri=""))
 
 
 def main() -> None:
@@ -38,7 +60,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=0)
     parser.add_argument("--eval-max-views", type=int, default=0)
+    parser.add_argument("--combine", action="store_true",
+                        help="print one table from every OUT/result-*.json (runs made in parallel)")
     args = parser.parse_args()
+    if args.combine:
+        print(combine(args.out))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     cfg = OpenVocabConfig(scenes=args.scenes, data_seed=args.data_seed, seeds=tuple(args.seeds),
