@@ -208,6 +208,11 @@ def train(
     sd_dir: Annotated[Path | None, typer.Option(help="paper: local Stable Diffusion 1.x folder")] = None,
     clip_checkpoint: Annotated[Path | None, typer.Option(help="paper: local open_clip ViT-L-14 weights")
                                ] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
+    checkpoint_dir: Annotated[str | None, typer.Option(help="checkpoint root (default ./checkpoints)")
+                              ] = None,
+    evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate",
+                                           help="evaluate and register after training")] = True,
 ) -> None:
     """Train XMask3D on one benchmark, tracked in MLflow."""
     import logging
@@ -218,7 +223,10 @@ def train(
     from xmask3d.train import train_preset
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
+    given = {"epochs": epochs, "max_steps": max_steps, "checkpoint_every": checkpoint_every,
+             "checkpoint_dir": checkpoint_dir}
+    overrides: dict = {k: v for k, v in given.items() if v is not None}
+    overrides["evaluate"] = evaluate
     result = run_training(store, benchmark, preset, train_preset(preset, **overrides),
                           tracking_uri=tracking_uri, resume=resume, sd_dir=sd_dir,
                           clip_checkpoint=clip_checkpoint)
