@@ -98,6 +98,7 @@ def test_ablate_flow_two_variants_nested_runs_table_and_parameter_counts(synthet
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.ablate import ablate
+    from xmask3d.checkpoint import load_checkpoint
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     train_config = {"max_steps": 2, "loop": 2, "batch_size": 2, "checkpoint_every": 0,
@@ -141,6 +142,8 @@ def test_ablate_flow_two_variants_nested_runs_table_and_parameter_counts(synthet
         assert run.data.metrics["parameters/trainable"] == row["parameters"]
         assert run.data.metrics["eval/fused/hiou"] == pytest.approx(row["fused hIoU"] / 100, abs=1e-3) \
             if row["fused hIoU"] is not None else "eval/fused/hiou" not in run.data.metrics
+        recorded = load_checkpoint(tmp_path / "ckpt" / run.info.run_id / "last.pt")["model_config"]
+        assert (recorded["fusion"], recorded["binary_head"]) == (name == "full", name == "full")
         panels = [a.path for a in client.list_artifacts(run.info.run_id, "evaluation/panels")]
         assert any(p.endswith("_topdown.png") for p in panels) and any("_view" in p for p in panels)
     losses = {m.key for m in client.get_metric_history(by_name["full"].info.run_id, "loss/loss_binary")}

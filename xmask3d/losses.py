@@ -13,6 +13,9 @@ name plus ``total`` = Σ weight·term (``loss_weights(cfg, ...)`` gives the weig
 - ``loss_3d_contra``: mask-level regularisation of pure-3D features towards stop-grad MaskCLIP
   embeddings, from ``contra_start_epoch`` on.
 
+Terms of a component switched off in ``ModelConfig`` (copied into ``LossConfig``:
+``mask_regularization``, ``fusion``, ``binary_head``, ``caption_losses``) are absent from the result.
+
 2D ground truth: the store keeps per-point labels and their pixels but no label images, so the
 GT masks are built by splatting the base labels of the view's points into a label image at the
 mask resolution (``build_2d_targets``); see docs/model.md.
