@@ -120,3 +120,36 @@ def test_panel_views_evenly_spaced(count, total, expect):
             return np.arange(total + 1) * 500
 
     assert panels.panel_views(FakeScene(), count) == expect
+
+
+def test_render_command_writes_the_panels_of_a_checkpoint(synthetic_store, tmp_path):
+    from dataclasses import asdict
+
+    import torch
+    from typer.testing import CliRunner
+
+    from xmask3d.checkpoint import save_checkpoint
+    from xmask3d.cli import app
+    from xmask3d.config import preset
+    from xmask3d.model import build_model
+
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    ckpt = save_checkpoint(tmp_path / "ckpt" / "last.pt", {
+        "model": build_model(cfg, 384).state_dict(), "preset": "tiny", "benchmark": "scannet20-b15n4",
+        "text_encoder": {"name": "minilm", "dim": 384, "spec": "minilm"}, "model_config": asdict(cfg)})
+    runner = CliRunner()
+    out = tmp_path / "panels"
+    result = runner.invoke(app, ["render", "--run", str(ckpt), "--scene", "scene0002_00", "--store",
+                                 str(synthetic_store), "--out", str(out), "--views", "1"])
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["scene0002_00_topdown.png", "scene0002_00_view000.png"]
+    assert all(str(out / name) in result.output for name in written)
+    pixels = decode((out / "scene0002_00_view000.png").read_bytes())
+    assert pixels.shape == (panels.panel_layout(320, 240).height, panels.panel_layout(320, 240).width, 3)
+    result = runner.invoke(app, ["render", "--run", str(ckpt), "--scene", "scene0002_00"])
+    assert result.exit_code == 2 and "pass --store" in result.output
+    result = runner.invoke(app, ["render", "--run", str(ckpt), "--scene", "scene9999_00", "--store",
+                                 str(synthetic_store)])
+    assert result.exit_code == 2 and "no scene 'scene9999_00'" in result.output
