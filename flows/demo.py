@@ -1,8 +1,9 @@
 """`xmask3d demo` / `make demo`: the whole pipeline on synthetic data, on a CPU, in minutes.
 
-synthetic raw ScanNet (4 small scenes: 3 train, 1 val) -> preprocess into a Zarr store (Dask,
-MiniLM caption embeddings) -> train the `tiny` preset -> evaluate scannet20-b15n4 on the val
-scene -> metrics table, MLflow run id, and the command that opens the MLflow UI.
+synthetic raw ScanNet (4 small scenes: 3 train, 1 val) -> the `preprocess` Prefect flow on the
+ephemeral API (one task per scene on a local Dask cluster, MiniLM caption embeddings) into a
+Zarr store -> train the `tiny` preset -> evaluate scannet20-b15n4 on the val scene -> metrics
+table, MLflow run id, and the command that opens the MLflow UI.
 
 The learning check: the fused head's base mIoU must clear the majority-class baseline (the most
 frequent training base class predicted everywhere) on the same validation scene by
@@ -67,7 +68,7 @@ def _raw_complete(raw: Path) -> bool:
 def run_demo(out_dir: Path = Path("demo_output"), tracking_uri: str | None = None, workers: int = 2,
              train_overrides: dict[str, Any] | None = None) -> DemoResult:
     """Run the pipeline end to end; re-running reuses the raw data and the store (skipped scenes)."""
-    from preprocessing.pipeline import PreprocessConfig, run_preprocess
+    from flows.preprocess import run_locally
     from preprocessing.synthetic import write_scannet
     from xmask3d.tracking import promote_if_better
     from xmask3d.train import train
@@ -86,8 +87,8 @@ def run_demo(out_dir: Path = Path("demo_output"), tracking_uri: str | None = Non
     seconds["synthesize"] = time.monotonic() - start
 
     start = time.monotonic()
-    cfg = PreprocessConfig(captions=raw / "captions.json", text_encoder="minilm")
-    summaries = run_preprocess("scannet", raw, store, cfg, workers=workers)
+    summaries, _ = run_locally(dataset="scannet", raw_dir=str(raw), store=str(store),
+                               captions=str(raw / "captions.json"), text_encoder="minilm", workers=workers)
     failed = [s for s in summaries if s.status == "failed"]
     if failed:
         names = ", ".join(f"{s.scene_id} ({s.error})" for s in failed)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from xmask3d.demo import LEARNING_MARGIN
+from flows.demo import LEARNING_MARGIN
 
 REPO = Path(__file__).resolve().parents[1]
 XMASK3D = str(Path(sys.executable).with_name("xmask3d"))

@@ -335,7 +335,7 @@ def demo(out: Annotated[Path, typer.Option(help="demo output directory")] = Path
     import logging
     import os
 
-    from xmask3d.demo import report, run_demo
+    from flows.demo import report, run_demo
 
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # also for the worker processes
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
