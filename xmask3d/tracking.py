@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 import mlflow
 import mlflow.pyfunc
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
@@ -201,9 +202,8 @@ class XMask3DPyfunc(mlflow.pyfunc.PythonModel):
 
         self.loaded = load_model_for_inference(Path(context.artifacts["checkpoint"]))
 
-    def predict(self, context, model_input, params=None):  # no hints: MLflow would validate inputs by them
-        import pandas as pd
-
+    # A DataFrame hint: MLflow infers no schema from it (so it validates nothing) and stays quiet.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         from xmask3d.evaluate import predict_scene
 
         if isinstance(model_input, Mapping):
