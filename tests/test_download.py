@@ -1,6 +1,5 @@
 """Resumable downloads against a real local HTTP server (preprocessing/download.py, scannet/download.py)."""
 
-import socket
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ from preprocessing.download import RetryPolicy, fetch, fetch_all
 from preprocessing.scannet.download import TOP_FILES, download_scannet, scene_files
 from storage.errors import InputError
 from tests.http_server import serve_directory
+from tests.servers import free_port
 
 FAST = RetryPolicy(retries=3, backoff_s=0.01, timeout_s=5)
 SCENES = ["scene0000_00", "scene0001_00"]
@@ -109,9 +109,7 @@ def test_size_mismatch_gives_up_and_keeps_no_final_file(raw_tree, tmp_path):
 
 
 def test_bad_urls(tmp_path):
-    with socket.socket() as s:  # a port with nobody listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens there
     with pytest.raises(InputError, match=f"127.0.0.1:{port}/a.bin.*gave up after 2 attempts"):
         fetch(f"http://127.0.0.1:{port}", "a.bin", tmp_path, RetryPolicy(retries=1, backoff_s=0.01))
     assert not (tmp_path / "a.bin").exists()

@@ -13,46 +13,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.http_server import serve_directory
+from tests.servers import free_port, stop, tail, wait_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 SCENES = ["scene0000_00", "scene0001_00"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """Stop a process we started, by pid: SIGTERM, then SIGINT, then SIGKILL (each with a timeout)."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def tail(path: Path, n: int = 4000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
 
 class PrefectStack:
@@ -98,20 +73,6 @@ class PrefectStack:
         return found[0]
 
 
-def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {server.returncode}:\n{tail(log)}")
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"prefect server not healthy after {timeout}s:\n{tail(log)}")
-
-
 @pytest.fixture(scope="module")
 def prefect_stack(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
@@ -135,7 +96,7 @@ def prefect_stack(tmp_path_factory):
             command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
             server = subprocess.Popen(command, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
         procs.append(server)
-        wait_healthy(api, server, home / "server.log")
+        wait_healthy(f"{api}/health", server, home / "server.log")
         stack = PrefectStack(home, api, env)
 
         pool = stack.cli("work-pool", "create", "local", "--type", "process")

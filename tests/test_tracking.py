@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +12,17 @@ import torch
 from mlflow import MlflowClient
 
 from storage.errors import InputError
+from tests.servers import free_port, stop, wait_healthy
 from xmask3d import plots, tracking
 from xmask3d.checkpoint import save_checkpoint
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real tracking server (SQLite backend, proxied artifacts in tmp); stopped by pid."""
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed in teardown
     proc = subprocess.Popen(
@@ -41,27 +31,10 @@ def mlflow_server(tmp_path):
          "--artifacts-destination", str(tmp_path / "server-artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start:\n"
-                                   + (tmp_path / "server.log").read_text(errors="replace")[-3000:])
-            time.sleep(0.5)
+        wait_healthy(f"{uri}/health", proc, tmp_path / "server.log", timeout=90)
         yield uri
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc)
         log.close()
 
 
@@ -124,7 +97,7 @@ def test_promote_only_when_hiou_beats_champion(tmp_path):
 
 
 def test_server_down_is_input_error():
-    port = _free_port()
+    port = free_port()
     with pytest.raises(InputError, match="not reachable"):
         tracking.RunTracker(f"http://127.0.0.1:{port}", "scannet20-b15n4")
 

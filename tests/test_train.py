@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from storage.errors import InputError
+from tests.servers import free_port
 from xmask3d.checkpoint import load_checkpoint
 from xmask3d.train import (
     DistInfo,
@@ -201,9 +201,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_two_gloo_ranks_stay_identical(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert set(r0["seen"]).isdisjoint(r1["seen"])  # each rank trained on its own samples
@@ -244,9 +242,7 @@ def test_bad_inputs_fail_before_training(synthetic_store, tmp_path, monkeypatch)
         train_mod.train(synthetic_store, "scannet20-b99n1", "tiny", cfg, tracking_uri=uri)
     with pytest.raises(InputError, match="needs 's3dis'"):
         train_mod.train(synthetic_store, "s3dis-b8n4", "tiny", cfg, tracking_uri=uri)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with pytest.raises(InputError, match="not reachable"):
         train_mod.train(synthetic_store, BENCH, "tiny", cfg, tracking_uri=f"http://127.0.0.1:{port}")
     with pytest.raises(InputError, match="not 'tiny'"):
