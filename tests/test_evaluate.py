@@ -1,4 +1,5 @@
-"""Evaluation: ensemble, gating, votes across views, nearest-point fill; then the full evaluation."""
+"""Evaluation: ensemble, gating, votes across views, nearest-point fill; then the full evaluation
+(metrics, boundary IoU, table, artifacts)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from xmask3d.evaluate import NEG, VoteAccumulator, fill_from_nearest, gate, geometric_ensemble
+from storage.dataset import scene_labels
+from storage.store import open_store
+from xmask3d import evaluate as evaluate_mod
+from xmask3d.evaluate import (
+    HEADS,
+    NEG,
+    ScenePrediction,
+    VoteAccumulator,
+    evaluate_loaded,
+    fill_from_nearest,
+    gate,
+    geometric_ensemble,
+    log_evaluation,
+)
+from xmask3d.metrics import IGNORE_INDEX, boundary_mask
 
 BASE = torch.tensor([0, 1])
 NOVEL = torch.tensor([2])
@@ -79,6 +94,66 @@ def test_evaluation_artifacts(tmp_path):
     assert (gt["red"][3], gt["green"][3], gt["blue"][3]) == (128, 128, 128)  # ignore is grey
     assert (gt["red"][2], gt["green"][2]) != (pred["red"][2], pred["green"][2])  # chair vs floor colour
     assert "fused" in evaluation.table() and "majority-class baseline" in evaluation.table()
+
+
+class _Run:
+    """Stands in for tracking.RunTracker: records what log_evaluation logs."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+        self.artifacts: list[str] = []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.update(metrics)
+
+    def log_artifacts(self, path, artifact_path=None):
+        self.artifacts.extend(sorted(p.name for p in path.iterdir()))
+
+
+def test_evaluation_reports_boundary_iou(synthetic_store, monkeypatch):
+    """evaluate_loaded on the stored validation scenes with stand-in predictions (no model): fused is
+    the ground truth, 3d is the ground truth except on every boundary point, 2d saw no view."""
+    bench_name = "scannet20-b15n4"
+
+    def fake_predict_scenes(loaded, store_path, bench, scene_ids, max_views=0, show_progress=True):
+        store = open_store(store_path)
+        for scene_id in scene_ids:
+            scene = store.scene(scene_id)
+            gt = scene_labels(scene, bench).astype(np.int64)
+            perfect = np.where(gt == IGNORE_INDEX, 0, gt)
+            near = boundary_mask(scene["points/xyz"][:], gt)
+            assert near.any() and not near.all()
+            wrong_on_boundary = np.where(near, (perfect + 1) % bench.num_classes, perfect)
+            heads = {"3d": wrong_on_boundary, "2d": np.full(len(gt), -1), "fused": perfect}
+            yield ScenePrediction(scene_id, perfect, tuple(bench.class_names), heads)
+
+    monkeypatch.setattr(evaluate_mod, "predict_scenes", fake_predict_scenes)
+    evaluation = evaluate_loaded(None, synthetic_store, bench_name, ply_scenes=0, panel_scenes=0)
+    m = evaluation.metrics
+    for head in HEADS:
+        assert {f"{head}/boundary_miou_base", f"{head}/boundary_miou_novel", f"{head}/boundary_hiou",
+                f"{head}/boundary_miou_all"} <= set(m)
+    assert 0.0 < m["boundary/points"] < 1.0
+    assert m["fused/miou_all"] == 1.0 and m["fused/boundary_miou_all"] == 1.0
+    assert m["fused/boundary_miou_base"] == 1.0
+    # wrong on exactly the boundary points: boundary IoU 0, overall IoU still high
+    assert m["3d/boundary_miou_all"] == 0.0 and m["3d/boundary_miou_base"] == 0.0
+    assert m["3d/miou_all"] > 0.5
+    assert m["2d/boundary_miou_all"] == 0.0 and m["2d/miou_all"] == 0.0
+
+    lines = evaluation.table().splitlines()
+    assert lines[0].split() == ["head", "mIoU", "base", "mIoU", "novel", "hIoU", "mIoU", "all",
+                                "bnd", "base", "bnd", "novel", "bnd", "hIoU"]
+    fused = lines[HEADS.index("fused") + 1].split()
+    assert fused[0] == "fused" and fused[1] == fused[5] == "100.0"  # mIoU base, bnd base
+    assert lines[-1].startswith("majority-class baseline") and lines[-1].split()[-3:] == ["–", "–", "–"]
+
+    run = _Run()
+    log_evaluation(run, evaluation, step=3)
+    logged = {f"eval/{h}/boundary_{k}" for h in HEADS for k in ("miou_base", "miou_novel", "hiou")}
+    assert logged <= set(run.metrics)
+    assert run.metrics["eval/fused/boundary_miou_base"] == 1.0
+    assert "metrics.json" in run.artifacts and "iou_per_class.md" in run.artifacts
 
 
 def test_cli_bad_model_exit_code_2(tmp_path):

@@ -13,6 +13,10 @@ all class names; the 3D, 2D and fused heads are scored separately. The per-point
   columns, the others lose the base columns.
 - :class:`VoteAccumulator`: votes of every view, argmax per point; points seen by no view take
   the label of the nearest voted point (scipy cKDTree).
+
+Besides the IoU over all points, every head gets a *boundary* IoU: the same accumulated per-class
+IoU over the points within 5 cm of a ground-truth label change only (`xmask3d.metrics.boundary_mask`,
+computed once per scene from the ground truth and the point coordinates).
 """
 
 from __future__ import annotations
@@ -36,7 +40,14 @@ from preprocessing.benchmarks import Benchmark, get_benchmark
 from storage.errors import InputError
 from xmask3d import plots
 from xmask3d.checkpoint import LAST_NAME, load_checkpoint
-from xmask3d.metrics import IGNORE_INDEX, ConfusionAccumulator, majority_class_baseline, split_scores
+from xmask3d.metrics import (
+    BOUNDARY_RADIUS,
+    IGNORE_INDEX,
+    ConfusionAccumulator,
+    boundary_mask,
+    majority_class_baseline,
+    split_scores,
+)
 
 NEG = -1e10
 LOG_FLOOR = 1e-30
@@ -276,7 +287,9 @@ class Evaluation:
     """Metrics of the 3D, 2D and fused heads plus the majority-class baseline, and what to plot."""
 
     benchmark: str
-    metrics: dict[str, float]  # "<head>/<miou_base|miou_novel|hiou|miou_all>", "baseline/..."
+    # "<head>/<miou_base|miou_novel|hiou|miou_all>", "<head>/boundary_<same>", "baseline/...",
+    # "boundary/points" (fraction of the labelled points that are boundary points)
+    metrics: dict[str, float]
     ious: dict[str, np.ndarray]  # head -> per-class IoU
     confusion: dict[str, np.ndarray]  # head -> T×T confusion matrix
     class_names: tuple[str, ...]
@@ -287,14 +300,18 @@ class Evaluation:
     panels: dict[str, bytes] = field(default_factory=dict)  # xmask3d.panels PNGs by file name
 
     def table(self) -> str:
-        """Plain-text table: one row per head (and the baseline), mIoU base / novel / hIoU in %."""
-        rows = [("head", "mIoU base", "mIoU novel", "hIoU", "mIoU all")]
+        """Plain-text table: one row per head (and the baseline), mIoU base / novel / hIoU / all and
+        the boundary mIoU base / novel / hIoU, in % ("–" where a value is missing or NaN)."""
+        columns = (("mIoU base", "miou_base"), ("mIoU novel", "miou_novel"), ("hIoU", "hiou"),
+                   ("mIoU all", "miou_all"), ("bnd base", "boundary_miou_base"),
+                   ("bnd novel", "boundary_miou_novel"), ("bnd hIoU", "boundary_hiou"))
+        rows = [("head", *(title for title, _ in columns))]
         for head in (*HEADS, "baseline"):
             m = self.metrics
             rows.append((head if head != "baseline" else "majority-class baseline",
                          *(f"{100 * m[f'{head}/{k}']:.1f}" if not math.isnan(m.get(f"{head}/{k}", math.nan))
-                           else "–" for k in ("miou_base", "miou_novel", "hiou", "miou_all"))))
-        width = [max(len(r[i]) for r in rows) for i in range(5)]
+                           else "–" for _, k in columns)))
+        width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
                                    enumerate(zip(r, width, strict=True))) for r in rows)
 
@@ -333,6 +350,8 @@ def evaluate_loaded(loaded: LoadedModel, store_path: Path, benchmark: str, max_v
         raise InputError(f"{store_path}: no validation scenes")
     T = bench.num_classes
     acc = {h: ConfusionAccumulator(T) for h in HEADS}
+    boundary_acc = {h: ConfusionAccumulator(T) for h in HEADS}  # boundary points only
+    boundary_points = labelled_points = 0
     gts, examples = [], []
     panels: dict[str, bytes] = {}
     panel_ids: list[str] = []
@@ -340,17 +359,22 @@ def evaluate_loaded(loaded: LoadedModel, store_path: Path, benchmark: str, max_v
         scene = store.scene(pred.scene_id)
         gt = scene_labels(scene, bench).astype(np.int64)
         gts.append(gt)
+        xyz = scene["points/xyz"][:]
+        boundary = boundary_mask(xyz, gt, BOUNDARY_RADIUS)
+        boundary_points += int(boundary.sum())
+        labelled_points += int((gt != IGNORE_INDEX).sum())
         for head in HEADS:
             labels = pred.heads[head]
             if (labels < 0).any():  # no valid view at all: every point counts as wrong
                 labels = np.where(labels < 0, (gt + 1) % T, labels)
             acc[head].update(labels, gt)
+            boundary_acc[head].update(labels[boundary], gt[boundary])
         if len(panel_ids) < panel_scenes:
             panel_ids.append(pred.scene_id)
             panels.update(scene_panels(scene, gt, pred.heads, bench.class_names, bench.novel_indices,
                                        views=panel_views))
         if len(examples) < ply_scenes:
-            examples.append({"scene_id": pred.scene_id, "xyz": scene["points/xyz"][:], "gt": gt,
+            examples.append({"scene_id": pred.scene_id, "xyz": xyz, "gt": gt,
                              "pred": pred.heads["fused"]})
     train_labels, _ = train_majority_class(Path(store_path), bench)
     majority, baseline = majority_class_baseline(train_labels, gts, T)
@@ -359,6 +383,9 @@ def evaluate_loaded(loaded: LoadedModel, store_path: Path, benchmark: str, max_v
     for head in HEADS:
         metrics.update(split_scores(ious[head], bench.base_indices, bench.novel_indices).as_dict(f"{head}/"))
         metrics[f"{head}/accuracy"] = acc[head].accuracy()
+        metrics.update(split_scores(boundary_acc[head].iou(), bench.base_indices, bench.novel_indices)
+                       .as_dict(f"{head}/boundary_"))
+    metrics["boundary/points"] = boundary_points / labelled_points if labelled_points else math.nan
     metrics.update(split_scores(baseline.iou(), bench.base_indices, bench.novel_indices).as_dict("baseline/"))
     metrics["baseline/majority_class"] = float(majority)
     for name, value in zip(bench.class_names, ious["fused"], strict=True):
@@ -487,6 +514,8 @@ def evaluation_protocol(bench: Benchmark, max_views: int, text_encoder: str) -> 
         "ignore": "label 255 (unannotated points and the benchmark's ignored classes)",
         "iou": "intersection/union summed over all scenes; classes with empty union left out of means",
         "miou": "mean IoU over base classes, over novel classes; hIoU = 2BN/(B+N)",
+        "boundary": f"boundary IoU: the same IoU over the points with another valid ground-truth label "
+                    f"within {BOUNDARY_RADIUS} m only (scipy cKDTree)",
         "heads": "3d = pure 3D, 2d = mask embeddings (nearest fill), fused = fused + MaskCLIP ensemble",
         "baseline": "majority base class of the training scenes predicted everywhere",
         "base_classes": list(bench.base),

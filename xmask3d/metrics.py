@@ -8,6 +8,10 @@ One deviation, recorded in docs/training.md: a class with an empty union (absent
 truth and never predicted) has IoU NaN and is left out of the means, where the official code
 counts it as 0. On full ScanNet every class occurs, so the figures agree; on small synthetic
 validation sets this keeps an absent class from dragging the mean down.
+
+Boundary IoU (ours, not in the official code; docs/training.md): the same per-class IoU computed
+only over the *boundary points* of :func:`boundary_mask`, the points within a few centimetres of a
+ground-truth label change, where mask-level reasoning is claimed to give sharper segmentations.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 IGNORE_INDEX = 255
+BOUNDARY_RADIUS = 0.05  # metres: "a few cm" around a ground-truth label change
 
 
 class ConfusionAccumulator:
@@ -106,6 +112,46 @@ def split_scores(iou: np.ndarray, base_indices: Sequence[int], novel_indices: Se
     novel = _nanmean(iou[np.asarray(novel_indices, dtype=np.int64)]) if len(novel_indices) else float("nan")
     return SplitScores(miou_base=base, miou_novel=novel, hiou=harmonic_iou(base, novel),
                        miou_all=_nanmean(iou))
+
+
+def boundary_mask(xyz: np.ndarray, labels: np.ndarray, radius: float = BOUNDARY_RADIUS,
+                  ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """bool[N]: the points near a ground-truth label change (the boundary points).
+
+    A point is a boundary point when some other point within `radius` (Euclidean, inclusive; the
+    scene's units, metres) has a different ground-truth label, both labels being valid (not
+    `ignore_index`). Points labelled `ignore_index` are never boundary points, and an ignored
+    neighbour does not make a boundary. Boundary IoU is the per-class IoU accumulated over these
+    points only (a second :class:`ConfusionAccumulator` fed ``pred[mask], target[mask]``).
+
+    One cKDTree per class present: the valid points of other classes inside its bounding box
+    grown by `radius`, and not yet known to be boundary points, ask for their nearest point of
+    that class within `radius`. A bounded nearest-neighbour query costs about the same however
+    dense the scene is (listing all pairs within `radius` does not); 0.1-0.3 s for 50k points.
+    """
+    xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    if len(xyz) != len(labels):
+        raise ValueError(f"{len(xyz)} points but {len(labels)} labels")
+    if radius < 0:
+        raise ValueError(f"radius must be non-negative, got {radius}")
+    out = np.zeros(len(labels), dtype=bool)
+    valid = np.flatnonzero(labels != ignore_index)
+    points, valid_labels = xyz[valid], labels[valid]
+    near_other = np.zeros(len(valid), dtype=bool)
+    bound = np.nextafter(radius, np.inf)  # the query's bound is strict; the definition is not
+    for label in np.unique(valid_labels):
+        own = valid_labels == label
+        mine = points[own]
+        # only unmarked points of other classes inside this class's box grown by radius can be hits
+        near_box = np.all((points >= mine.min(0) - radius) & (points <= mine.max(0) + radius), axis=1)
+        others = np.flatnonzero(near_box & ~own & ~near_other)
+        if not others.size:
+            continue
+        distance, _ = cKDTree(mine).query(points[others], k=1, distance_upper_bound=bound)
+        near_other[others[distance <= radius]] = True  # no neighbour within radius: distance inf
+    out[valid] = near_other
+    return out
 
 
 def majority_class_baseline(train_labels: Iterable[np.ndarray], val_labels: Iterable[np.ndarray],
