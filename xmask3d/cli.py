@@ -194,6 +194,24 @@ def preprocess_s3dis(
         raise typer.Exit(code=1)
 
 
+@app.command("import-captions")
+@user_errors
+def import_captions(
+    store: Annotated[Path, typer.Option(help="existing store; its complete scenes get region captions")],
+    fmt: Annotated[str, typer.Option("--format", help="regionplc | pla (view or entity files)")],
+    captions: Annotated[Path, typer.Option(help="caption JSON {scene: {name: caption}}")],
+    index: Annotated[Path, typer.Option(help="point-index pickle (RegionPLC list or PLA dict form)")],
+    text_encoder: Annotated[str | None, typer.Option(
+        help="the store's encoder spec (default: the one the store records; openclip:MODEL:CHECKPOINT "
+             "for a CLIP store)")] = None,
+) -> None:
+    """Import released PLA / RegionPLC caption files (JSON + index pickle) as region captions."""
+    from preprocessing.caption_import import import_captions as run_import
+
+    summary = run_import(store, fmt, captions, index, text_encoder=text_encoder)
+    typer.echo(summary.table())
+
+
 @app.command()
 @user_errors
 def train(
