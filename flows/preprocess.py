@@ -71,13 +71,14 @@ def download(dataset: str, raw_dir: str, url: str | None = None, mirror: str | N
 @task(name="prepare-store", task_run_name="prepare-{dataset}-store", cache_policy=NO_CACHE)
 def prepare_store(dataset: str, raw_dir: str, store: str, scenes: list[str] | None = None,
                   frame_step: int = 20, captions: str | None = None, text_encoder: str = "minilm",
-                  overwrite: bool = False, views: str | None = None
+                  overwrite: bool = False, views: str | None = None, region_captions: str | None = None
                   ) -> tuple[dict[str, str], pipeline.PreprocessConfig]:
     """Validate the inputs, create or open the store; -> (scene id -> split, the scene config).
 
     Every bad input (missing raw dir, unknown scene, missing captions, incompatible store) fails
     here, before any Dask worker starts. ``captions``: None = ``raw_dir/captions.json`` if present,
-    ``"none"`` = no captions, else a caption JSON.
+    ``"none"`` = no captions, else a caption JSON; ``region_captions`` likewise with
+    ``raw_dir/region_captions.json`` (ScanNet: boxes + phrases per frame).
     """
     raw = Path(raw_dir)
     if not raw.is_dir():
@@ -88,8 +89,10 @@ def prepare_store(dataset: str, raw_dir: str, store: str, scenes: list[str] | No
         caption_file = view_captions(Path(views), captions) if views else None
     else:
         caption_file = pipeline.resolve_captions(raw, captions)
+    region_file = pipeline.resolve_region_captions(raw, region_captions) if dataset == "scannet" else None
     cfg = pipeline.PreprocessConfig(frame_step=frame_step, overwrite=overwrite, text_encoder=text_encoder,
-                                    captions=caption_file, views=Path(views) if views else None)
+                                    captions=caption_file, views=Path(views) if views else None,
+                                    region_captions=region_file)
     return pipeline.prepare_store(dataset, raw, Path(store), cfg, scenes)
 
 
@@ -246,6 +249,7 @@ def preprocess(
     workers: int | None = None,
     overwrite: bool = False,
     views: str | None = None,
+    region_captions: str | None = None,
 ) -> list[pipeline.SceneSummary]:
     """Download (when ``url`` or ``mirror`` is given), then preprocess every scene; -> one summary each.
 
@@ -264,7 +268,7 @@ def preprocess(
         logger.info("raw %s files in %s", dataset, raw)
     views = str(Path(views).expanduser().resolve()) if views else None  # S3DIS: Stanford 2D-3D-S root
     listing, cfg = prepare_store(dataset, raw, out, scenes, frame_step, captions, text_encoder, overwrite,
-                                 views)
+                                 views, region_captions)
     logger.info("%d %s scenes from %s into %s", len(listing), dataset, raw, out)
     summaries = list(run_scenes(dataset, raw, out, listing, cfg, dask_address, workers).values())
     publish_report(dataset, out, summaries, time.monotonic() - start)

@@ -21,13 +21,14 @@ HIOU = "fused/hiou"  # the number models are compared by
 @task(name="train-model", task_run_name="train-{benchmark}-{preset}", cache_policy=NO_CACHE)
 def train_model(store: str, benchmark: str, preset: str = "tiny", train_config: dict[str, Any] | None = None,
                 tracking_uri: str | None = None, resume: str | None = None, sd_dir: str | None = None,
-                clip_checkpoint: str | None = None) -> dict[str, Any]:
+                clip_checkpoint: str | None = None, caption_supervision: str | None = None
+                ) -> dict[str, Any]:
     """Train, evaluate and register one model; -> MLflow run id, model version and URI, metrics."""
     from xmask3d.train import train, train_preset
 
     cfg = train_preset(preset, **(train_config or {}))
     result = train(Path(store), benchmark, preset, cfg, tracking_uri=tracking_uri, resume=resume,
-                   sd_dir=sd_dir, clip_checkpoint=clip_checkpoint)
+                   sd_dir=sd_dir, clip_checkpoint=clip_checkpoint, caption_supervision=caption_supervision)
     return {"run_id": result.run_id, "checkpoint": str(result.checkpoint_path), "model_uri": result.model_uri,
             "model_version": result.model_version, "steps": result.steps, "metrics": dict(result.metrics)}
 
@@ -44,15 +45,16 @@ def promote(tracking_uri: str | None, benchmark: str, version: str, hiou: float)
 def train(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4", preset: str = "tiny",
           train_config: dict[str, Any] | None = None, tracking_uri: str | None = None,
           resume: str | None = None, sd_dir: str | None = None, clip_checkpoint: str | None = None,
-          promote_champion: bool = True) -> dict[str, Any]:
+          promote_champion: bool = True, caption_supervision: str | None = None) -> dict[str, Any]:
     """Train and register a new model version; -> its MLflow references, metrics, and ``promoted``.
 
-    ``train_config`` overrides fields of the preset's TrainConfig (e.g. ``{"epochs": 1}``).
+    ``train_config`` overrides fields of the preset's TrainConfig (e.g. ``{"epochs": 1}``);
+    ``caption_supervision``: "official" | "region" | "official+region" (None = the preset's).
     """
     logger = get_run_logger()
     store_path = str(Path(store).expanduser().resolve())
     refs = train_model(store_path, benchmark, preset, train_config, tracking_uri, resume, sd_dir,
-                       clip_checkpoint)
+                       clip_checkpoint, caption_supervision)
     refs["promoted"] = False
     if promote_champion and refs["model_version"] is not None and HIOU in refs["metrics"]:
         refs["promoted"] = promote(tracking_uri, benchmark, refs["model_version"], refs["metrics"][HIOU])

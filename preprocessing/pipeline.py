@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 
 from preprocessing.captions import embed_captions, load_captions, scene_captions
 from preprocessing.projection import Correspondences, prepare_points, project_points
+from preprocessing.region_captions import load_region_captions, scene_region_sets
 from storage.errors import InputError
+from storage.regions import RegionCaptions
 from storage.schema import DEPTH_SCALE
 from storage.store import create_store, open_store, remove_stale_tmp
 
@@ -50,6 +52,7 @@ class PreprocessConfig:
     frame_batch: int = 16  # frames projected together
     show_progress: bool = True
     views: Path | None = None  # S3DIS: Stanford 2D-3D-S root (area_N/data/...); None = no views
+    region_captions: Path | None = None  # ScanNet: boxes + phrases per frame; None = no region captions
 
 
 @dataclass
@@ -81,6 +84,20 @@ def resolve_captions(raw_dir: Path, captions: str | Path | None) -> Path | None:
     path = Path(captions)
     if not path.is_file():
         raise InputError(f"{path}: caption file not found (pass --captions none to run without)")
+    return path
+
+
+def resolve_region_captions(raw_dir: Path, region_captions: str | Path | None) -> Path | None:
+    """``None`` -> ``raw_dir/region_captions.json`` if present; ``'none'`` -> none; else the path."""
+    if region_captions is None:
+        default = Path(raw_dir) / "region_captions.json"
+        return default if default.is_file() else None
+    if str(region_captions).lower() == "none":
+        return None
+    path = Path(region_captions)
+    if not path.is_file():
+        raise InputError(f"{path}: region caption file not found "
+                         "(pass --region-captions none to run without)")
     return path
 
 
@@ -158,6 +175,21 @@ def _captions(path: Path) -> dict[str, dict[int, str]]:
     return _load_captions_cached(path, stat.st_mtime_ns, stat.st_size)
 
 
+def _region_captions(path: Path) -> dict:
+    """The region caption file, parsed once per process (and again if the file changes)."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise InputError(f"{path}: region caption file not found ({error.strerror})") from error
+    return _load_regions_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_regions_cached(path: Path, mtime_ns: int, size: int) -> dict:
+    return load_region_captions(path)
+
+
 @functools.lru_cache(maxsize=4)
 def _load_captions_cached(path: Path, mtime_ns: int, size: int) -> dict[str, dict[int, str]]:
     return load_captions(path)
@@ -189,7 +221,11 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
         if scene_id not in captions:
             raise InputError(f"{cfg.captions}: no captions for scene {scene_id} "
                              "(use --captions none to run without)")
-    encoder = _text_encoder(cfg.text_encoder) if captions is not None else None
+    regions = None
+    if cfg.region_captions is not None:
+        regions = _region_captions(Path(cfg.region_captions)).get(scene_id, {})
+    needs_text = captions is not None or regions is not None
+    encoder = _text_encoder(cfg.text_encoder) if needs_text else None
     if (encoder.name if encoder else None) != store.attrs.get("text_encoder"):
         raise InputError(f"{store.path}: store captions use {store.attrs.get('text_encoder')!r}, "
                          f"this run {encoder.name if encoder else None!r}")
@@ -251,9 +287,16 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
             texts, missing = scene_captions(captions, scene_id, indices, source=cfg.captions)
             clip = embed_captions(texts, encoder)
         else:
-            texts, clip = [""] * n_frames, np.zeros((n_frames, 0), np.float16)
+            texts, clip = [""] * n_frames, np.zeros((n_frames, encoder.dim if encoder else 0), np.float16)
         writer.write("captions/text", np.asarray(texts, dtype=str) if texts else np.zeros(0, str))
         writer.write("captions/clip", clip)
+        if regions is not None:
+            texts_r, sets, rows, boxes = scene_region_sets(
+                regions, indices, (sens.color_width, sens.color_height), cfg.image_size, proj.offsets,
+                proj.point, proj.uv)
+            writer.write_regions(RegionCaptions.from_sets(texts_r, sets, embed_captions(texts_r, encoder),
+                                                          rows, boxes),
+                                 {"format": "boxes", "file": Path(cfg.region_captions).name})
         dropped = dict(sens.dropped)
         source_files = {**{str(k): int(v) for k, v in mesh.source_files.items()},
                         sens_path.name: int(sens_path.stat().st_size)}
@@ -404,6 +447,18 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
         views = resolve_views_dir(Path(cfg.views)).resolve()
         index_views(views, rooms=list_s3dis_rooms(raw_dir))  # checks the layout; logs counted skips
         cfg = PreprocessConfig(**{**cfg.__dict__, "views": views})
+    if cfg.region_captions is not None:
+        if dataset != "scannet":
+            raise InputError("region captions from boxes are read for ScanNet only "
+                             "(use xmask3d import-captions for point-set captions)")
+        cfg = PreprocessConfig(**{**cfg.__dict__, "region_captions": Path(cfg.region_captions).resolve()})
+        regions = _region_captions(cfg.region_captions)
+        missing = [s for s in listing if s not in regions]
+        if missing:
+            log.warning("%s: no region captions for scene(s) %s", cfg.region_captions, ", ".join(missing))
+        from xmask3d.text import text_encoder_info
+
+        encoder_name, text_dim = text_encoder_info(cfg.text_encoder)
     if cfg.captions is not None:
         cfg = PreprocessConfig(**{**cfg.__dict__, "captions": Path(cfg.captions).resolve()})
         captions = _captions(cfg.captions)

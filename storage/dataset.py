@@ -9,7 +9,12 @@ agree); eval mode has one item per (scene, valid view).
 Sample keys (numpy): ``scene_id, view_index, coord float32[N,3], color float32[N,3] in [-1,1],
 point_index int64[N], voxel_coord int32[V,3], voxel_feat float32[V,3], inverse int64[N],
 label int64[N] (0..T-1, 255), label_base int64[N] (0..C-1, 255), binary float32[N] (1/0/255),
-uv int64[N,2] (column, row), image uint8[3,H,W], caption float32[D], has_caption bool``.
+uv int64[N,2] (column, row), image uint8[3,H,W], caption float32[D], has_caption bool``; with
+``regions=True`` also the scene's region captions that survive in the view (storage.regions):
+``region_clip float32[R,D]`` and ``region_point int64[M]`` / ``region_index int64[M]`` (a sample
+point index and the region it belongs to; a point may be in several regions). A region survives
+when at least ``min_region_points`` of its points are visible in the view (RegionPLC keeps the
+part of a caption's point set that survives cropping); at most ``max_regions``, drawn at random.
 """
 
 from __future__ import annotations
@@ -79,7 +84,8 @@ class SceneViewDataset(Dataset):
                  voxel_size: float = 0.02, loop: int = 1, seed: int = 0,
                  image_size: tuple[int, int] = (320, 240), min_points: int = OFFICIAL_MIN_POINTS,
                  max_points: int = OFFICIAL_MAX_POINTS, min_labelled: int = 10,
-                 augment: bool = False, scenes: list[str] | None = None) -> None:
+                 augment: bool = False, scenes: list[str] | None = None, regions: bool = False,
+                 max_regions: int = 32, min_region_points: int = 5) -> None:
         if mode not in ("train", "eval"):
             raise InputError(f"dataset mode must be 'train' or 'eval', got {mode!r}")
         self.store_path = Path(store_path)
@@ -89,6 +95,7 @@ class SceneViewDataset(Dataset):
         self.image_size = tuple(image_size)
         self.min_points, self.max_points, self.min_labelled = min_points, max_points, min_labelled
         self.augment = augment
+        self.regions, self.max_regions, self.min_region_points = regions, max_regions, min_region_points
         self.epoch = 0
         store = self.store
         if store.attrs.get("dataset") != self.benchmark.dataset:
@@ -108,6 +115,11 @@ class SceneViewDataset(Dataset):
             raise InputError(f"{self.store_path}: no {split} scene has a view with {min_points} < visible "
                              f"points < {max_points}")
         self.items = [(s, int(v)) for s in self.scene_ids for v in self.valid_views[s]]
+        if regions:
+            without = [s for s in self.scene_ids if not store.scene(s).has_region_captions]
+            if without:
+                raise InputError(f"{self.store_path}: scene(s) {', '.join(without[:5])} have no region "
+                                 "captions (preprocess with --region-captions, or xmask3d import-captions)")
 
     # the store handle is per process (DataLoader workers re-open it)
     @property
@@ -133,7 +145,8 @@ class SceneViewDataset(Dataset):
         """Per-scene arrays read once (points, labels, correspondences, captions; tens of MB for a
         real scene, 4 scenes cached per process) and the lazy colour frames."""
         scene = self.store.scene(scene_id)
-        return {"xyz": scene["points/xyz"][:], "rgb": scene["points/rgb"][:],
+        regions = scene.region_captions() if self.regions else None
+        return {"regions": regions, "xyz": scene["points/xyz"][:], "rgb": scene["points/rgb"][:],
                 "label": scene_labels(scene, self.benchmark), "offsets": scene["proj/offsets"][:],
                 "point": scene["proj/point"][:], "uv": scene["proj/uv"][:], "color": scene["frames/color"],
                 "clip": scene["captions/clip"][:], "text": scene["captions/text"][:]}
@@ -180,7 +193,8 @@ class SceneViewDataset(Dataset):
                            np.minimum(((uv[:, 1] + 0.5) * sy).astype(np.int64), self.image_size[1] - 1)], 1)
         caption = arrays["clip"][view].astype(np.float32)
         has_caption = bool(str(arrays["text"][view]).strip()) and caption.size > 0
-        return {
+        regions = self._regions(arrays["regions"], point, len(arrays["xyz"]), rng) if self.regions else {}
+        return {**regions,
             "scene_id": scene_id,
             "view_index": view,
             "coord": coord.astype(np.float32),
@@ -199,6 +213,25 @@ class SceneViewDataset(Dataset):
         }
 
 
+    def _regions(self, regions: Any, point: np.ndarray, num_points: int, rng: np.random.Generator
+                 ) -> dict[str, np.ndarray]:
+        """The regions of the scene with >= min_region_points visible in the view (local indices)."""
+        local = np.full(num_points, -1, np.int64)
+        local[point] = np.arange(len(point))
+        member = local[regions.point]
+        region_of = np.repeat(np.arange(len(regions)), np.diff(regions.offsets))
+        seen = member >= 0
+        counts = np.bincount(region_of[seen], minlength=len(regions))
+        keep = np.flatnonzero(counts >= self.min_region_points)
+        if len(keep) > self.max_regions:
+            keep = np.sort(rng.choice(keep, self.max_regions, replace=False))
+        new_id = np.full(len(regions), -1, np.int64)
+        new_id[keep] = np.arange(len(keep))
+        chosen = seen & (new_id[region_of] >= 0)
+        return {"region_clip": regions.clip[keep].astype(np.float32), "region_point": member[chosen],
+                "region_index": new_id[region_of[chosen]]}
+
+
 def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch samples for spconv: points concatenated with ``offset`` (cumulative counts),
     ``voxel_coord`` int32[ΣV,4] = (batch, x, y, z), ``inverse`` shifted into the concatenation."""
@@ -209,6 +242,18 @@ def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
     def cat(key: str) -> torch.Tensor:
         return torch.from_numpy(np.concatenate([s[key] for s in samples]))
 
+    regions = {}
+    if samples and "region_clip" in samples[0]:
+        n_regions = np.array([len(s["region_clip"]) for s in samples], np.int64)
+        region_start = np.concatenate([[0], np.cumsum(n_regions)[:-1]])
+        point_start = np.concatenate([[0], np.cumsum(n_points)[:-1]])
+        regions = {
+            "region_clip": cat("region_clip"),
+            "region_point": torch.from_numpy(np.concatenate(
+                [s["region_point"] + o for s, o in zip(samples, point_start, strict=True)])),
+            "region_index": torch.from_numpy(np.concatenate(
+                [s["region_index"] + o for s, o in zip(samples, region_start, strict=True)])),
+        }
     voxel_coord = np.concatenate([
         np.concatenate([np.full((len(s["voxel_coord"]), 1), b, np.int32), s["voxel_coord"]], axis=1)
         for b, s in enumerate(samples)])
@@ -231,4 +276,5 @@ def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "image": torch.from_numpy(np.stack([s["image"] for s in samples])),
         "caption": torch.from_numpy(np.stack([s["caption"] for s in samples])),
         "has_caption": torch.tensor([s["has_caption"] for s in samples]),
+        **regions,
     }

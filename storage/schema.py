@@ -8,6 +8,7 @@ Layout (see ARCHITECTURE.md and docs/store.md)::
         frames/{index,pose,intrinsic,color,depth}
         proj/{offsets,point,uv}
         captions/{text,clip}
+        captions/region_{frame,box,text,clip,offsets,point}   optional (attr region_captions)
 
 Numeric arrays are compressed with Blosc zstd (bit-shuffled). Frames are chunked one frame per
 chunk and sharded so a scene's frames live in one file (one shard per ``FRAME_SHARD`` frames,
@@ -32,7 +33,7 @@ PROJ_CHUNK = 1 << 20  # rows per chunk of proj/point and proj/uv
 ROOT_ATTRS = ("schema_version", "dataset", "created_by", "text_encoder", "text_dim")
 SCENE_ATTRS = ("split", "source_files", "frame_step", "dropped_frames", "axis_alignment",
                "intrinsics_source", "frames_without_caption", "image_size", "num_points",
-               "num_frames", "depth_scale", "complete")
+               "num_frames", "depth_scale", "complete", "region_captions")
 
 
 def blosc() -> BloscCodec:
@@ -67,10 +68,23 @@ ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
     ArraySpec("proj/uv", "uint16", (2,), "proj", "pixel (column u, row v) in the stored frame"),
     ArraySpec("captions/text", "str", (), "all", "caption of each frame ('' = none)"),
     ArraySpec("captions/clip", "float16", ("D",), "all", "text embedding of each caption (0 = none)"),
+    # Optional region captions (RegionPLC-style: a phrase per object box or per point set). A scene
+    # has them when its attrs hold ``region_captions`` (written after these arrays); scenes without
+    # them stay valid v1 scenes.
+    ArraySpec("captions/region_frame", "int32", (), "all",
+              "row of frames/* the region was seen in (-1 = not tied to one frame)"),
+    ArraySpec("captions/region_box", "float32", (4,), "all",
+              "region box (x_min, y_min, x_max, y_max) in stored-frame pixels (NaN = given as a point set)"),
+    ArraySpec("captions/region_text", "str", (), "all", "phrase naming the region"),
+    ArraySpec("captions/region_clip", "float16", ("D",), "all", "text embedding of each region phrase"),
+    ArraySpec("captions/region_offsets", "int64", (), "all", "CSR over regions, length R+1"),
+    ArraySpec("captions/region_point", "int32", (), "proj", "point indices of each region, sorted"),
 )}
 
 SCANNET_POINT_ARRAYS = ("points/xyz", "points/rgb", "points/nyu40", "points/category")
 S3DIS_POINT_ARRAYS = ("points/xyz", "points/rgb", "points/label")
+REGION_ARRAYS = ("captions/region_frame", "captions/region_box", "captions/region_text",
+                 "captions/region_clip", "captions/region_offsets", "captions/region_point")
 FRAME_ARRAYS = ("frames/index", "frames/pose", "frames/intrinsic", "frames/color", "frames/depth",
                 "proj/offsets", "proj/point", "proj/uv", "captions/text", "captions/clip")
 
@@ -81,7 +95,7 @@ def array_shape(name: str, length: int, H: int = 0, W: int = 0, D: int = 0) -> t
 
 
 def create_array(group: zarr.Group, name: str, length: int, *, H: int = 0, W: int = 0, D: int = 0,
-                 shard_frames: int | None = None) -> zarr.Array:
+                 shard_frames: int | None = None, overwrite: bool = False) -> zarr.Array:
     """Create ``name`` in a scene group with the schema's dtype, chunks, shards and codec."""
     spec = ARRAYS[name]
     shape = array_shape(name, length, H, W, D)
@@ -94,9 +108,10 @@ def create_array(group: zarr.Group, name: str, length: int, *, H: int = 0, W: in
         frames = min(FRAME_SHARD, length) if shard_frames is None else shard_frames
         shards = (max(1, frames), *tail) if length > 0 else None
     if spec.dtype == "str":
-        return group.create_array(name, shape=shape, chunks=chunks, dtype=str, compressors=None)
+        return group.create_array(name, shape=shape, chunks=chunks, dtype=str, compressors=None,
+                                  overwrite=overwrite)
     return group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=spec.dtype,
-                              compressors=blosc(), fill_value=0)
+                              compressors=blosc(), fill_value=0, overwrite=overwrite)
 
 
 def check_dtype(name: str, data: np.ndarray) -> None:

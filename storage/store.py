@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from storage.errors import InputError
+from storage.regions import RegionCaptions
 from storage.schema import (
     ARRAYS,
     DEPTH_SCALE,
@@ -87,6 +88,21 @@ class Scene:
         lo, hi = (int(x) for x in self.group["proj/offsets"][i:i + 2])
         return self.group["proj/point"][lo:hi], self.group["proj/uv"][lo:hi]
 
+    @property
+    def has_region_captions(self) -> bool:
+        """True when the scene holds region captions (the attr is written after their arrays)."""
+        return self.attrs.get("region_captions") is not None
+
+    def region_captions(self) -> RegionCaptions | None:
+        """The scene's region captions, or None when it has none."""
+        if not self.has_region_captions:
+            return None
+        g = self.group
+        return RegionCaptions(
+            frame=g["captions/region_frame"][:], box=g["captions/region_box"][:],
+            text=[str(t) for t in g["captions/region_text"][:]], clip=g["captions/region_clip"][:],
+            offsets=g["captions/region_offsets"][:], point=g["captions/region_point"][:])
+
     def depth_m(self, i: int) -> np.ndarray:
         """Depth of frame ``i`` in metres (float32, 0 = invalid)."""
         return self.group["frames/depth"][i].astype(np.float32) / np.float32(self.attrs["depth_scale"])
@@ -127,6 +143,28 @@ class Store:
             raise InputError(f"{self.path}: no complete scene {scene_id!r}")
         path = self.scenes_dir / scene_id
         return Scene(path, zarr.open_group(str(path), mode="r"))
+
+    def add_region_captions(self, scene_id: str, regions: RegionCaptions, source: dict[str, Any]) -> None:
+        """Write (or replace) the region captions of a complete scene in place.
+
+        The attr ``region_captions`` is removed first and written last, after every array, so a
+        scene that opens with the attr set holds a whole set of region arrays; an interrupted
+        import leaves the scene without region captions (rerun the import). Importing while a
+        training run reads the same scene is not supported.
+        """
+        if not self.writable:
+            raise InputError(f"{self.path}: store opened read-only")
+        scene = self.scene(scene_id)
+        regions.check(scene.num_points, scene.num_frames, f"{self.path}/scenes/{scene_id}")
+        if regions.clip.shape[1] != int(self.attrs.get("text_dim") or 0):
+            raise InputError(f"{self.path}: region embeddings are {regions.clip.shape[1]}-d, the store's "
+                             f"text space is {self.attrs.get('text_dim')}-d")
+        group = zarr.open_group(str(scene.path), mode="r+")
+        attrs = dict(group.attrs)
+        attrs.pop("region_captions", None)
+        group.attrs.put(attrs)  # invalidate first: never an old attr over new arrays
+        write_region_arrays(group, regions)
+        group.attrs["region_captions"] = {**source, "count": len(regions)}
 
     def writer(self, scene_id: str) -> SceneWriter:
         if not self.writable:
@@ -194,6 +232,24 @@ def remove_stale_tmp(store: Store, scene_ids: list[str] | None = None) -> list[s
     return removed
 
 
+def write_region_arrays(group: zarr.Group, regions: RegionCaptions) -> None:
+    """Write the ``captions/region_*`` arrays of ``regions`` into a scene group (replacing old ones)."""
+    data = {
+        "captions/region_frame": regions.frame.astype(np.int32),
+        "captions/region_box": regions.box.astype(np.float32),
+        "captions/region_text": np.asarray(regions.text, dtype=str) if len(regions) else np.zeros(0, str),
+        "captions/region_clip": regions.clip.astype(np.float16),
+        "captions/region_offsets": regions.offsets.astype(np.int64),
+        "captions/region_point": regions.point.astype(np.int32),
+    }
+    for name, array in data.items():
+        check_dtype(name, array)
+        D = array.shape[1] if name == "captions/region_clip" else 0
+        arr = create_array(group, name, len(array), D=D, overwrite=True)
+        if len(array):
+            arr[...] = array
+
+
 class SceneWriter:
     """Write one scene into ``scenes/.tmp-<id>``; ``commit`` renames it into place.
 
@@ -212,6 +268,7 @@ class SceneWriter:
         self.group: zarr.Group | None = None
         self.committed = False
         self._frames: dict[str, Any] = {}
+        self._region_source: dict[str, Any] | None = None
 
     def __enter__(self) -> SceneWriter:
         try:
@@ -235,10 +292,15 @@ class SceneWriter:
         """Write a whole array (points/*, frames/index|pose|intrinsic, proj/*, captions/*)."""
         data = np.asarray(data)
         check_dtype(name, data)
-        D = data.shape[1] if name == "captions/clip" else 0
+        D = data.shape[1] if name in ("captions/clip", "captions/region_clip") else 0
         arr = create_array(self.group, name, len(data), D=D)
         if len(data):
             arr[...] = data
+
+    def write_regions(self, regions: RegionCaptions, source: dict[str, Any]) -> None:
+        """Region captions of the scene being written; recorded as attr ``region_captions`` at commit."""
+        write_region_arrays(self.group, regions)
+        self._region_source = {**source, "count": len(regions)}
 
     def begin_frames(self, max_frames: int, size: tuple[int, int]) -> None:
         """Create frames/color and frames/depth for up to ``max_frames`` frames of ``size`` (W, H)."""
@@ -288,7 +350,8 @@ class SceneWriter:
     def commit(self, attrs: dict[str, Any]) -> Path:
         """Record the scene attrs, mark complete and rename into place (replacing an old copy)."""
         try:
-            self.group.attrs.update({**attrs, "complete": True})
+            regions = {"region_captions": self._region_source} if self._region_source else {}
+            self.group.attrs.update({**attrs, **regions, "complete": True})
             old = None
             if self.final.exists():
                 old = self.final.with_name(f"{TMP_PREFIX}old-{self.scene_id}-{os.getpid()}")

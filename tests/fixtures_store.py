@@ -7,7 +7,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def synthetic_store(synthetic_scannet, tmp_path_factory) -> Path:
-    """The ``synthetic_scannet`` raw scenes preprocessed into a store (MiniLM captions, step 20).
+    """The ``synthetic_scannet`` raw scenes preprocessed into a store (MiniLM view and region
+    captions, step 20).
 
     Built with the plain per-scene function in this process (no Dask cluster), so it is fast.
     Read-only for tests: copy it before writing.
@@ -16,6 +17,7 @@ def synthetic_store(synthetic_scannet, tmp_path_factory) -> Path:
 
     store = tmp_path_factory.mktemp("synthetic_store") / "scannet.zarr"
     cfg = PreprocessConfig(captions=Path(synthetic_scannet) / "captions.json", text_encoder="minilm",
+                           region_captions=Path(synthetic_scannet) / "region_captions.json",
                            show_progress=False)
     listing, cfg = prepare_store("scannet", Path(synthetic_scannet), store, cfg)
     for scene_id, split in listing.items():

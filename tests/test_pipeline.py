@@ -133,7 +133,8 @@ def test_same_store_serves_scannet20_and_scannet200(synthetic_store):
 def test_rerun_skips_complete_scenes_and_overwrite_redoes(synthetic_scannet, synthetic_store, tmp_path):
     store = tmp_path / "s.zarr"
     shutil.copytree(synthetic_store, store)
-    cfg = PreprocessConfig(captions=Path(synthetic_scannet) / "captions.json", show_progress=False)
+    cfg = PreprocessConfig(captions=Path(synthetic_scannet) / "captions.json", show_progress=False,
+                           region_captions=Path(synthetic_scannet) / "region_captions.json")
     _, cfg = prepare_store("scannet", synthetic_scannet, store, cfg, ["scene0001_00"])
     assert preprocess_scannet_scene(synthetic_scannet, "scene0001_00", store, cfg).status == "skipped"
     cfg = PreprocessConfig(**{**cfg.__dict__, "overwrite": True})
@@ -233,7 +234,8 @@ def add_then_die(self, color, depth):
         os.kill(os.getpid(), signal.SIGKILL)
 SceneWriter.add_frame = add_then_die
 raw, store = Path(sys.argv[1]), Path(sys.argv[2])
-cfg = PreprocessConfig(captions=raw / "captions.json", show_progress=False)
+cfg = PreprocessConfig(captions=raw / "captions.json", show_progress=False,
+                       region_captions=raw / "region_captions.json")
 preprocess_scannet_scene(raw, "scene0001_00", store, cfg, "train")
 """
 
@@ -241,7 +243,8 @@ preprocess_scannet_scene(raw, "scene0001_00", store, cfg, "train")
 def test_worker_killed_mid_scene_then_rerun_equals_clean_run(synthetic_scannet, synthetic_store, tmp_path):
     raw = Path(synthetic_scannet)
     store_path = tmp_path / "s.zarr"
-    cfg = PreprocessConfig(captions=raw / "captions.json", show_progress=False)
+    cfg = PreprocessConfig(captions=raw / "captions.json", show_progress=False,
+                           region_captions=raw / "region_captions.json")
     listing, cfg = prepare_store("scannet", raw, store_path, cfg, ["scene0001_00"])
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(KILL_SCRIPT), str(raw), str(store_path)],
                           capture_output=True, text=True, timeout=300)

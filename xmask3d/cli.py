@@ -140,6 +140,9 @@ def preprocess_scannet(
     clip_model: Annotated[str | None, typer.Option(help="open_clip model, e.g. ViT-L-14")] = None,
     clip_checkpoint: Annotated[Path | None, typer.Option(help="local open_clip checkpoint")] = None,
     scenes: Annotated[str | None, typer.Option(help="comma-separated scene ids (default: all)")] = None,
+    region_captions: Annotated[str | None, typer.Option(
+        help="region captions (boxes + phrases per frame; default RAW/region_captions.json if present), "
+             "or 'none'")] = None,
 ) -> None:
     """Decode, project, caption-embed and store ScanNet scenes."""
     from flows.preprocess import run_locally
@@ -152,7 +155,8 @@ def preprocess_scannet(
     ids = [s.strip() for s in scenes.split(",") if s.strip()] if scenes else None
     summaries, ok = run_locally(dataset="scannet", raw_dir=str(raw), store=str(out), scenes=ids,
                                 frame_step=frame_step, captions=captions, text_encoder=text_encoder,
-                                dask_address=dask_address, workers=workers, overwrite=overwrite)
+                                dask_address=dask_address, workers=workers, overwrite=overwrite,
+                                region_captions=region_captions)
     typer.echo(format_summaries(summaries))
     if not ok:
         raise typer.Exit(code=1)
@@ -231,6 +235,9 @@ def train(
                               ] = None,
     evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate",
                                            help="evaluate and register after training")] = True,
+    caption_supervision: Annotated[str | None, typer.Option(
+        help="official (view captions, the paper) | region (region captions, contrastive) | "
+             "official+region; default: the preset's (official)")] = None,
 ) -> None:
     """Train XMask3D on one benchmark, tracked in MLflow."""
     import logging
@@ -247,7 +254,7 @@ def train(
     overrides["evaluate"] = evaluate
     result = run_training(store, benchmark, preset, train_preset(preset, **overrides),
                           tracking_uri=tracking_uri, resume=resume, sd_dir=sd_dir,
-                          clip_checkpoint=clip_checkpoint)
+                          clip_checkpoint=clip_checkpoint, caption_supervision=caption_supervision)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports and promotes
         return
     if result.evaluation is not None:

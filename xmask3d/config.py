@@ -57,8 +57,15 @@ class ModelConfig:
     binary_head: bool = True
     # caption alignment losses loss_explicit_contra, _3d, _2d_pre
     caption_losses: bool = True
+    # Which captions supervise (copied into ``loss``): "official" = view captions, the paper's
+    # 1 − cos(mean view feature, caption); "region" = region captions (a phrase and the points of
+    # its box), contrastive over the batch (PLA / RegionPLC, docs/openvocab.md); "official+region".
+    caption_supervision: str = "official"
 
     def __post_init__(self) -> None:
+        if self.caption_supervision not in CAPTION_SUPERVISION:
+            raise InputError(f"ModelConfig.caption_supervision must be one of {list(CAPTION_SUPERVISION)}, "
+                             f"got {self.caption_supervision!r}")
         for name in SWITCHES:
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
@@ -69,6 +76,7 @@ class ModelConfig:
             fusion=self.fusion,
             binary_head=self.binary_head,
             caption_losses=self.caption_losses,
+            caption_supervision=self.caption_supervision,
         )
         if self.mask_regularization and not self.binary_head and self.loss.mask_selection == "scores":
             raise InputError(
@@ -81,6 +89,7 @@ class ModelConfig:
         return {name: getattr(self, name) for name in SWITCHES}
 
 
+CAPTION_SUPERVISION = ("official", "region", "official+region")
 # Names of the ModelConfig component switches, in the order of the ablation table.
 SWITCHES = ("implicit_condition", "mask_regularization", "fusion", "binary_head", "caption_losses")
 

@@ -9,6 +9,10 @@ name plus ``total`` = Σ weight·term (``loss_weights(cfg, ...)`` gives the weig
 - ``loss_3d`` / ``loss_3d_pure``: CE over s·cos(feature, [base text; null]) on base labels;
 - caption alignment ``loss_explicit_contra`` (fused), ``_3d`` (pure 3D), ``_2d_pre`` (2D, covered
   points only): 1 − cos(mean feature of the view's points, caption embedding);
+- region captions (``caption_supervision`` "region" or "official+region", beyond the paper):
+  ``loss_region_3d`` (pure 3D) and ``loss_region_fused``: a contrastive loss over every region
+  caption of the batch — each caption's point set is pooled (PLA mean or RegionPLC score pooling)
+  and must pick its own phrase among the batch's unique phrases (``region_caption_loss``);
 - ``loss_binary``: BCE-with-logits (pos_weight) of the base-vs-novel head;
 - ``loss_3d_contra``: mask-level regularisation of pure-3D features towards stop-grad MaskCLIP
   embeddings, from ``contra_start_epoch`` on.
@@ -62,6 +66,16 @@ class LossConfig:
     caption_fused_weight: float = 1.5
     caption_3d_weight: float = 1.0
     caption_2d_weight: float = 4.0
+    # Which captions supervise: "official" = the view captions above (paper); "region" = region
+    # captions (a phrase + the points of its box or index set, contrastive over the batch);
+    # "official+region" = both. Region terms need a store with region captions.
+    caption_supervision: Literal["official", "region", "official+region"] = "official"
+    region_pooling: Literal["mean", "score"] = "score"  # PLA feature mean / RegionPLC score pooling
+    region_3d_weight: float = 1.0
+    region_fused_weight: float = 1.0
+    region_logit_scale: float = 1 / 0.07  # RegionPLC's (effectively fixed) initial scale, ≈ 14.3
+    # RegionPLC NOVEL_GRAD_ONLY: base-labelled points pass no gradient from the region losses
+    region_novel_grad_only: bool = True
     # binary head (per benchmark)
     binary_weight: float = 16.0
     binary_pos_weight: float = 0.267
@@ -85,6 +99,12 @@ class LossConfig:
     caption_losses: bool = True  # loss_explicit_contra, _3d, _2d_pre
 
     def __post_init__(self) -> None:
+        if self.caption_supervision not in ("official", "region", "official+region"):
+            raise ValueError("LossConfig.caption_supervision must be 'official', 'region' or "
+                             f"'official+region', got {self.caption_supervision!r}")
+        if self.region_pooling not in ("mean", "score"):
+            raise ValueError(
+                f"LossConfig.region_pooling must be 'mean' or 'score', got {self.region_pooling!r}")
         if self.mask_selection not in ("labels", "scores"):
             raise ValueError(
                 f"LossConfig.mask_selection must be 'labels' or 'scores', got {self.mask_selection!r}"
@@ -106,6 +126,16 @@ class LossConfig:
             contra_weight=benchmark.contra_weight,
             contra_start_epoch=benchmark.contra_start_epoch,
         )
+
+    @property
+    def view_captions(self) -> bool:
+        """The official view-caption terms are on."""
+        return self.caption_losses and "official" in self.caption_supervision
+
+    @property
+    def region_captions(self) -> bool:
+        """The region-caption terms are on (the dataset must then carry region captions)."""
+        return self.caption_losses and "region" in self.caption_supervision
 
     def contra_active(self, epoch: int) -> bool:
         return self.mask_regularization and self.contra_weight > 0 and epoch >= self.contra_start_epoch
@@ -299,6 +329,43 @@ def caption_loss(
     return (1 - F.cosine_similarity(mean, captions[valid].to(mean), dim=-1)).mean()
 
 
+def region_caption_loss(
+    feats: torch.Tensor,
+    region_point: torch.Tensor,
+    region_index: torch.Tensor,
+    region_clip: torch.Tensor,
+    scale: float,
+    pooling: str = "score",
+    grad_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Contrastive loss of region captions over the batch (CAPTION_SUPERVISION_SPEC.md §3.4).
+
+    feats [N,D] point features; region r covers the points ``region_point[m]`` with
+    ``region_index[m] == r``; region_clip [R,D] its phrase embedding. Phrases are de-duplicated
+    (identical embeddings are one class) and every region must pick its own among them:
+    - "mean" (PLA): CE over s·cos(mean feature of the region, phrase_k);
+    - "score" (RegionPLC): −mean over the region's points of log_softmax_k(s·cos(f_i, phrase_k))
+      at its own phrase, regions weighted by their point counts.
+    ``grad_mask`` [N] bool: points that receive gradient (others enter the forward detached).
+    Points in no region receive no gradient. Exact 0 (attached) without regions.
+    """
+    if len(region_clip) == 0 or len(region_point) == 0:
+        return feats.sum() * 0.0
+    phrases, label = torch.unique(F.normalize(region_clip.float(), dim=-1), dim=0, return_inverse=True)
+    if grad_mask is not None:
+        feats = torch.where(grad_mask[:, None], feats, feats.detach())
+    member = feats[region_point].float()
+    if pooling == "mean":
+        num = len(region_clip)
+        total = member.new_zeros(num, member.shape[1]).index_add(0, region_index, member)
+        count = torch.bincount(region_index, minlength=num)
+        valid = count > 0
+        pooled = F.normalize(total[valid] / count[valid, None].to(total), dim=-1)
+        return F.cross_entropy(scale * pooled @ phrases.T, label[valid])
+    log_prob = F.log_softmax(scale * F.normalize(member, dim=-1) @ phrases.T, dim=-1)
+    return -log_prob.gather(1, label[region_index][:, None]).mean()
+
+
 def binary_loss(logits: torch.Tensor, binary: torch.Tensor, pos_weight: float) -> torch.Tensor:
     """BCE-with-logits (pos_weight) of the base (1) vs novel (0) head; 255 = ignored."""
     valid = binary != IGNORE
@@ -400,7 +467,11 @@ def loss_weights(cfg: LossConfig, aux_layers: int = 0) -> dict[str, float]:
     if cfg.fusion:
         weights["loss_3d"] = cfg.loss_3d_weight
     weights["loss_3d_pure"] = cfg.loss_3d_pure_weight
-    if cfg.caption_losses:
+    if cfg.region_captions:
+        weights["loss_region_3d"] = cfg.region_3d_weight
+        if cfg.fusion:
+            weights["loss_region_fused"] = cfg.region_fused_weight
+    if cfg.view_captions:
         if cfg.fusion:
             weights["loss_explicit_contra"] = cfg.caption_fused_weight
         weights["loss_explicit_contra_3d"] = cfg.caption_3d_weight
@@ -468,7 +539,19 @@ def compute_losses(
     losses["loss_3d_pure"] = ce_3d(
         outputs["logits_3d_pure"], label_base, num_classes, cfg.ce_all_ignore_fallback
     )
-    if cfg.caption_losses:
+    if cfg.region_captions:
+        if "region_clip" not in batch:
+            raise ValueError("region caption losses are on but the batch has no region captions: "
+                             "build the dataset with regions=True")
+        region = (batch["region_point"].to(device), batch["region_index"].to(device),
+                  batch["region_clip"].to(device))
+        grad_mask = (batch["binary"].to(device) != 1) if cfg.region_novel_grad_only else None
+        losses["loss_region_3d"] = region_caption_loss(
+            outputs["feats_3d"], *region, cfg.region_logit_scale, cfg.region_pooling, grad_mask)
+        if cfg.fusion:
+            losses["loss_region_fused"] = region_caption_loss(
+                outputs["feats_fused"], *region, cfg.region_logit_scale, cfg.region_pooling, grad_mask)
+    if cfg.view_captions:
         caption, has_caption = batch["caption"].to(device), batch["has_caption"].to(device)
         if cfg.fusion:
             losses["loss_explicit_contra"] = caption_loss(

@@ -460,8 +460,9 @@ class StoreInfo:
     val_scenes: list[str]
 
 
-def check_store(store_path: Path, bench: Any, need_val: bool) -> StoreInfo:
-    """The store fits the benchmark: same dataset, the label field in every scene, train scenes."""
+def check_store(store_path: Path, bench: Any, need_val: bool, need_regions: bool = False) -> StoreInfo:
+    """The store fits the benchmark: same dataset, the label field in every scene, train scenes,
+    and region captions in every training scene when the region-caption losses are on."""
     from storage.store import open_store
 
     store = open_store(store_path)
@@ -478,6 +479,12 @@ def check_store(store_path: Path, bench: Any, need_val: bool) -> StoreInfo:
         if bench.store_field not in store.scene(scene_id):
             raise InputError(f"{store_path}: scene {scene_id} has no {bench.store_field} labels, which "
                              f"benchmark {bench.name} needs")
+    if need_regions:
+        without = [s for s in train_ids if not store.scene(s).has_region_captions]
+        if without:
+            raise InputError(f"{store_path}: caption_supervision needs region captions, training scene(s) "
+                             f"{', '.join(without[:5])} have none (preprocess with --region-captions or "
+                             "run xmask3d import-captions)")
     if not attrs.get("text_encoder") or not attrs.get("text_dim"):
         raise InputError(f"{store_path}: store records no text encoder (text_encoder/text_dim attrs)")
     return StoreInfo(bench.dataset, str(attrs["text_encoder"]), int(attrs["text_dim"]), train_ids, val_ids)
@@ -492,7 +499,8 @@ def check_text_encoder(store_path: Path, store: StoreInfo, encoder: Any) -> None
 
 def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConfig | None = None,
           tracking_uri: str | None = None, resume: str | Path | None = None, sd_dir: str | Path | None = None,
-          clip_checkpoint: str | Path | None = None, switches: Mapping[str, bool] | None = None
+          clip_checkpoint: str | Path | None = None, switches: Mapping[str, bool] | None = None,
+          caption_supervision: str | None = None, loss_overrides: Mapping[str, Any] | None = None
           ) -> TrainResult:
     """Train XMask3D on `benchmark` from the store, evaluate, log to MLflow, register the model.
 
@@ -502,11 +510,13 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
     local `checkpoints/<run_id>/last.pt`, else the run's checkpoint artifact). `sd_dir` and
     `clip_checkpoint` are the local pretrained weights of the `paper` preset. `switches` turns model
     components off (``xmask3d.config.SWITCHES``, e.g. ``{"fusion": False}``; the ablation study); a
-    resumed checkpoint must have the same switches.
+    resumed checkpoint must have the same switches. ``caption_supervision`` ("official", "region",
+    "official+region"; None = the preset's) selects the caption losses (docs/openvocab.md);
+    ``loss_overrides`` sets other ``LossConfig`` fields (e.g. ``{"region_pooling": "mean"}``).
     """
     from preprocessing.benchmarks import get_benchmark
     from xmask3d import tracking
-    from xmask3d.config import check_switches, with_switches
+    from xmask3d.config import SWITCHES, check_switches, with_switches
     from xmask3d.config import preset as model_preset
     from xmask3d.evaluate import evaluation_protocol
     from xmask3d.text import build_text_encoder
@@ -518,13 +528,24 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
         raise InputError(f"training config is for preset {cfg.preset!r}, not {preset!r}")
     model_cfg = with_switches(model_preset(preset, sd_dir=sd_dir, clip_checkpoint=clip_checkpoint),
                               **(switches or {}))
+    if caption_supervision is not None:
+        model_cfg = dataclasses.replace(model_cfg, caption_supervision=caption_supervision)
     weights = {"sd_dir": str(sd_dir) if sd_dir else None,
                "clip_checkpoint": str(clip_checkpoint) if clip_checkpoint else None}
     loss_cfg = model_cfg.loss.with_benchmark(bench)
     if cfg.contra_start_epoch is not None:
         loss_cfg = dataclasses.replace(loss_cfg, contra_start_epoch=cfg.contra_start_epoch)
+    if loss_overrides:
+        known = {f.name for f in dataclasses.fields(loss_cfg)} - set(SWITCHES) - {"caption_supervision"}
+        unknown = set(loss_overrides) - known
+        if unknown:
+            raise InputError(f"unknown loss setting(s) {sorted(unknown)}")
+        try:
+            loss_cfg = dataclasses.replace(loss_cfg, **loss_overrides)
+        except ValueError as error:
+            raise InputError(str(error)) from error
     model_cfg = dataclasses.replace(model_cfg, loss=loss_cfg)  # forward and losses agree on the recipe
-    store = check_store(store_path, bench, need_val=cfg.evaluate)
+    store = check_store(store_path, bench, need_val=cfg.evaluate, need_regions=loss_cfg.region_captions)
     info = init_distributed()
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if info.is_main:
@@ -602,7 +623,8 @@ def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, mo
     seed_everything(cfg.seed + 1000 * info.rank)
     base_text = encoder.encode(list(bench.base)).to(info.device)
     dataset = SceneViewDataset(store_path, bench.name, split="train", mode="train", voxel_size=cfg.voxel_size,
-                               loop=cfg.loop, seed=cfg.seed, image_size=cfg.image_size)
+                               loop=cfg.loop, seed=cfg.seed, image_size=cfg.image_size,
+                               regions=model_cfg.loss.region_captions)
 
     def loss_fn(m: nn.Module, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
         terms = compute_losses(m(batch, base_text, epoch), batch, model_cfg.loss, epoch)

@@ -83,3 +83,46 @@ def visible_objects(object_image: np.ndarray, categories: list[str], annotated: 
         if f >= min_fraction and annotated[oid]:
             per_cat.setdefault(categories[oid], []).append(float(f))
     return [(c, len(fs), sum(fs)) for c, fs in per_cat.items()]
+
+
+# --------------------------------------------------------------------------- region captions
+
+REGION_MIN_FRACTION = 0.004  # a detector misses objects smaller than this share of the image
+REGION_MISS_RATE = 0.1  # a visible object the detector does not report
+REGION_WRONG_NAME_RATE = 0.05  # a box named after another category
+REGION_LOOSENESS = 0.15  # each box side moves outwards by up to this share of the box size
+
+
+def region_captions(object_image: np.ndarray, categories: list[str], annotated: list[bool],
+                    rng: np.random.Generator) -> list[dict[str, object]]:
+    """What a 2D detector + captioner reports for one colour frame: ``[{"text", "box"}]``.
+
+    One phrase per visible annotated object (wall, floor and ceiling are not objects), the box
+    ``[x_min, y_min, x_max, y_max]`` in colour-image pixels. Realistic noise: objects below
+    ``REGION_MIN_FRACTION`` of the image are not detected, a detected one is missed at
+    ``REGION_MISS_RATE``, named after another category at ``REGION_WRONG_NAME_RATE``, named by a
+    synonym ("cupboard", "washbasin"), and boxes are loose (up to ``REGION_LOOSENESS`` per side).
+    """
+    height, width = object_image.shape
+    ids, counts = np.unique(object_image[object_image >= 0], return_counts=True)
+    names = sorted({c for c in CATEGORIES if c not in STRUCTURE})
+    out: list[dict[str, object]] = []
+    for oid, count in zip(ids.tolist(), counts.tolist(), strict=True):
+        category = categories[oid]
+        if not annotated[oid] or category in STRUCTURE or count < REGION_MIN_FRACTION * object_image.size:
+            continue
+        if rng.random() < REGION_MISS_RATE:
+            continue
+        if rng.random() < REGION_WRONG_NAME_RATE:
+            category = names[int(rng.integers(len(names)))]
+        rows, cols = np.nonzero(object_image == oid)
+        x0, x1, y0, y1 = cols.min(), cols.max() + 1, rows.min(), rows.max() + 1
+        loose = rng.uniform(0.0, REGION_LOOSENESS, 4)
+        bw, bh = x1 - x0, y1 - y0
+        box = [max(0.0, x0 - loose[0] * bw), max(0.0, y0 - loose[1] * bh),
+               min(float(width), x1 + loose[2] * bw), min(float(height), y1 + loose[3] * bh)]
+        words = CATEGORIES[category].words
+        singular = words[int(rng.integers(len(words)))][0]
+        text = _article(singular) if rng.random() < 0.6 else f"the {singular}"
+        out.append({"text": text, "box": [round(float(v), 1) for v in box]})
+    return out

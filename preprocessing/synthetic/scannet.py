@@ -3,7 +3,8 @@
 `write_scannet` writes, under OUT:
   scans/<sceneXXXX_00>/<id>.sens, <id>_vh_clean_2.ply, <id>_vh_clean_2.labels.ply,
   <id>_vh_clean_2.0.010000.segs.json, <id>.aggregation.json, <id>.txt
-  scannetv2-labels.combined.tsv, scannetv2_train.txt, scannetv2_val.txt, captions.json
+  scannetv2-labels.combined.tsv, scannetv2_train.txt, scannetv2_val.txt, captions.json,
+  region_captions.json (a detector-captioner's boxes + phrases per frame, docs/openvocab.md)
 Depth and colour frames are ray-cast from the same geometry the mesh is sampled from, so the
 depth test of a point-to-pixel projection sees real occlusions. `scannet_scene(seed, index)`
 rebuilds a scene's geometry, cameras and intrinsics without writing anything (for tests).
@@ -19,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from preprocessing.synthetic.captions import make_caption, visible_objects
+from preprocessing.region_captions import REGION_FORMAT
+from preprocessing.synthetic.captions import make_caption, region_captions, visible_objects
 from preprocessing.synthetic.categories import CATEGORIES, tsv_rows
 from preprocessing.synthetic.files import check_out_dir, fresh_temp_dir, move_into_place, write_text_atomic
 from preprocessing.synthetic.geometry import SceneGeometry, rot_z
@@ -233,10 +235,14 @@ def _write_meta(scene: ScanNetScene, scene_dir: Path, num_imu: int) -> None:
     (scene_dir / f"{scene.scene_id}.txt").write_text("\n".join(lines) + "\n")
 
 
-def write_scene(scene: ScanNetScene, scene_dir: Path, progress: bool = True) -> dict[str, str]:
-    """Write all raw files of one scene into `scene_dir` (must exist); returns the view captions."""
+def write_scene(scene: ScanNetScene, scene_dir: Path, progress: bool = True
+                ) -> tuple[dict[str, str], dict[str, list[dict[str, object]]]]:
+    """Write all raw files of one scene into `scene_dir` (must exist); returns the view captions
+    and the region captions (frame -> [{"text", "box"}])."""
     sid, geo = scene.scene_id, scene.geometry
     rng = np.random.default_rng([scene.seed, scene.index, 3])
+    region_rng = np.random.default_rng([scene.seed, scene.index, 4])  # keeps the other draws as before
+    regions: dict[str, list[dict[str, object]]] = {}
     categories = [o.category for o in geo.objects]
     annotated = [o.annotated for o in geo.objects]
     captions: dict[str, str] = {}
@@ -248,6 +254,7 @@ def write_scene(scene: ScanNetScene, scene_dir: Path, progress: bool = True) -> 
             if np.all(np.isfinite(scene.poses[i])):
                 visible = visible_objects(frame.color_objects, categories, annotated)
                 captions[str(i)] = make_caption(visible, scene.scene_type, rng)
+                regions[str(i)] = region_captions(frame.color_objects, categories, annotated, region_rng)
             ts = start_us + i * FRAME_PERIOD_US
             yield SensFrameBytes(scene.poses[i].astype(np.float32), ts, ts + 120, encode_color(frame.color),
                                  encode_depth(frame.depth_mm))
@@ -260,7 +267,7 @@ def write_scene(scene: ScanNetScene, scene_dir: Path, progress: bool = True) -> 
     write_sens(scene_dir / f"{sid}.sens", header, frames(), imu)
     _write_mesh_files(scene, scene_dir)
     _write_meta(scene, scene_dir, num_imu)
-    return captions
+    return captions, regions
 
 
 def write_scannet(out_dir: Path, scenes: int = 3, small: bool = False, seed: int = 0,
@@ -275,11 +282,12 @@ def write_scannet(out_dir: Path, scenes: int = 3, small: bool = False, seed: int
     scans.mkdir(parents=True, exist_ok=True)
     ids: list[str] = []
     captions: dict[str, dict[str, str]] = {}
+    regions: dict[str, dict[str, list[dict[str, object]]]] = {}
     for index in tqdm(range(scenes), desc="synthetic ScanNet", unit="scene", disable=not progress):
         scene = scannet_scene(seed, index, small)
         tmp = fresh_temp_dir(scans, scene.scene_id)
         tmp.mkdir()
-        captions[scene.scene_id] = write_scene(scene, tmp, progress)
+        captions[scene.scene_id], regions[scene.scene_id] = write_scene(scene, tmp, progress)
         move_into_place(tmp, scans / scene.scene_id)
         ids.append(scene.scene_id)
     n_val = max(1, scenes // 4)
@@ -289,4 +297,7 @@ def write_scannet(out_dir: Path, scenes: int = 3, small: bool = False, seed: int
     write_text_atomic(out_dir / "scannetv2_train.txt", "".join(f"{s}\n" for s in train))
     write_text_atomic(out_dir / "scannetv2_val.txt", "".join(f"{s}\n" for s in val))
     write_text_atomic(out_dir / "captions.json", json.dumps(captions, indent=1))
+    write_text_atomic(out_dir / "region_captions.json", json.dumps(
+        {"format": REGION_FORMAT, "box": "x_min y_min x_max y_max in colour-image pixels",
+         "scenes": regions}))
     return ids
