@@ -46,6 +46,20 @@ def combine(out: Path) -> str:
     return report(OpenVocabResult(cfg, runs, baselines, tracking_uri=""))
 
 
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """FIELD=VALUE pairs; values are read as JSON when they parse (numbers, true/false), else strings."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--loss {item!r}: expected FIELD=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +74,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=0)
     parser.add_argument("--eval-max-views", type=int, default=0)
+    parser.add_argument("--loss", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="LossConfig overrides, e.g. region_pooling=mean region_3d_weight=2")
     parser.add_argument("--combine", action="store_true",
                         help="print one table from every OUT/result-*.json (runs made in parallel)")
     args = parser.parse_args()
@@ -71,7 +87,7 @@ def main() -> None:
     cfg = OpenVocabConfig(scenes=args.scenes, data_seed=args.data_seed, seeds=tuple(args.seeds),
                           conditions=tuple(args.conditions), epochs=args.epochs, loop=args.loop,
                           batch_size=args.batch_size, max_steps=args.max_steps,
-                          eval_max_views=args.eval_max_views)
+                          eval_max_views=args.eval_max_views, loss_overrides=parse_overrides(args.loss))
     start = time.monotonic()
     result = run_openvocab(args.out, cfg, args.tracking_uri)
     text = report(result)

@@ -25,6 +25,11 @@ def test_demo_learns_and_is_tracked(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = proc.stdout
     assert "learned: yes" in text, text
+    assert "novel classes: yes" in text, text  # 3D novel mIoU above the nearest-class-name baseline
+    novel_3d = re.search(r"^3d\s+[\d.]+\s+([\d.]+)", text, re.M)
+    name_baseline = re.search(r"^nearest-class-name baseline\s+[\d.–]+\s+([\d.]+)", text, re.M)
+    assert novel_3d and name_baseline, text
+    assert float(novel_3d.group(1)) > max(0.0, float(name_baseline.group(1))), text
     fused = re.search(r"^fused\s+([\d.]+)", text, re.M)
     baseline = re.search(r"^majority-class baseline\s+([\d.]+)", text, re.M)
     assert fused and baseline, text
@@ -39,6 +44,8 @@ def test_demo_learns_and_is_tracked(tmp_path):
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
     assert metrics["eval/fused/miou_base"] >= LEARNING_MARGIN * metrics["eval/baseline/miou_base"]
+    assert metrics["eval/3d/miou_novel"] > 0.0
+    assert run.data.params["model.caption_supervision"] == "region"
     assert {a.path for a in client.list_artifacts(run_id, "evaluation")} >= {
         "evaluation/iou_per_class.png", "evaluation/confusion_fused.png", "evaluation/iou_per_class.md"}
     champion = client.get_model_version_by_alias("xmask3d-scannet20-b15n4", "champion")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,9 +299,10 @@ class Evaluation:
     run_id: str | None = None
     panels: dict[str, bytes] = field(default_factory=dict)  # xmask3d.panels PNGs by file name
 
-    def table(self) -> str:
+    def table(self, extra_rows: Mapping[str, Mapping[str, float]] | None = None) -> str:
         """Plain-text table: one row per head (and the baseline), mIoU base / novel / hIoU / all and
-        the boundary mIoU base / novel / hIoU, in % ("–" where a value is missing or NaN)."""
+        the boundary mIoU base / novel / hIoU, in % ("–" where a value is missing or NaN).
+        ``extra_rows``: more baselines by name, each ``{"miou_base": ..., ...}`` (fractions)."""
         columns = (("mIoU base", "miou_base"), ("mIoU novel", "miou_novel"), ("hIoU", "hiou"),
                    ("mIoU all", "miou_all"), ("bnd base", "boundary_miou_base"),
                    ("bnd novel", "boundary_miou_novel"), ("bnd hIoU", "boundary_hiou"))
@@ -311,6 +312,9 @@ class Evaluation:
             rows.append((head if head != "baseline" else "majority-class baseline",
                          *(f"{100 * m[f'{head}/{k}']:.1f}" if not math.isnan(m.get(f"{head}/{k}", math.nan))
                            else "–" for _, k in columns)))
+        for name, values in (extra_rows or {}).items():
+            rows.append((name, *(f"{100 * values[k]:.1f}" if not math.isnan(values.get(k, math.nan))
+                                 else "–" for _, k in columns)))
         width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
                                    enumerate(zip(r, width, strict=True))) for r in rows)

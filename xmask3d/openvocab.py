@@ -67,7 +67,8 @@ class OpenVocabConfig:
     # MaskCLIP image tower is random, so the regularisation pulls 3D features of masks towards
     # random vectors (docs/openvocab.md); with real CLIP weights it belongs on.
     switches: dict[str, bool] = field(default_factory=lambda: {"mask_regularization": False})
-    region_pooling: str = "score"
+    # LossConfig fields set in every run (e.g. {"region_pooling": "mean", "region_3d_weight": 2.0})
+    loss_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = set(self.conditions) - set(CONDITIONS)
@@ -219,7 +220,7 @@ def train_condition(store: Path, cfg: OpenVocabConfig, condition: str, seed: int
     result = train(store, cfg.benchmark, cfg.preset, train_preset(cfg.preset, **overrides),
                    tracking_uri=tracking_uri, switches={**cfg.switches, **switches},
                    caption_supervision=supervision,
-                   loss_overrides={"region_pooling": cfg.region_pooling})
+                   loss_overrides=cfg.loss_overrides)
     seconds = time.monotonic() - start
     client = MlflowClient(tracking_uri=tracking_uri)
     for key, value in {"openvocab.condition": condition, "openvocab.seed": seed}.items():
