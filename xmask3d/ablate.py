@@ -2,7 +2,9 @@
 
 A *variant* is a set of component switches turned off (``xmask3d.config.SWITCHES``; names from
 ``variant_switches``: ``full``, ``no-fusion``, ``no-implicit-condition+no-binary-head``, ...). The
-default list is the full model and each switch off alone, as the paper's ablation table.
+default list is the full model and each switch off alone, as the paper's ablation table. A
+``region-captions`` part (``region-captions``, ``no-fusion+region-captions``) trains that variant
+with region-caption supervision instead of the view captions (docs/openvocab.md).
 
 MLflow layout: one parent run (``ablation-<preset>``, tag ``kind=ablation``) in the benchmark's
 experiment; each variant is a training run nested under it (tag ``mlflow.parentRunId``, run name =
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.errors import InputError
-from xmask3d.config import SWITCHES, variant_name, variant_switches
+from xmask3d.config import SWITCHES, variant_name, variant_supervision, variant_switches
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ def resolve_variants(variants: Sequence[str] | str | None) -> list[str]:
         return list(DEFAULT_VARIANTS)
     if isinstance(variants, str):
         variants = [v for v in variants.split(",") if v.strip()]
-    names = [variant_name(variant_switches(v)) for v in variants]
+    names = [variant_name(variant_switches(v), variant_supervision(v)) for v in variants]
     if not names:
         raise InputError("ablation: no variants given")
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -175,12 +177,14 @@ def run_variant(store_path: Path, benchmark: str, preset: str, variant: str, par
     from xmask3d.model import trainable_parameters
     from xmask3d.train import train, train_preset
 
-    name = variant_name(variant_switches(variant))
+    name = variant_name(variant_switches(variant), variant_supervision(variant))
     switches = {s: True for s in SWITCHES} | variant_switches(name)
+    supervision = variant_supervision(name)
     overrides = {**dict(train_overrides or {}), "evaluate": False}  # evaluated below, not registered
     cfg = train_preset(preset, **overrides)
     log.info("ablation %s: training variant %s", benchmark, name)
-    trained = train(Path(store_path), benchmark, preset, cfg, tracking_uri=tracking_uri, switches=switches)
+    trained = train(Path(store_path), benchmark, preset, cfg, tracking_uri=tracking_uri, switches=switches,
+                    caption_supervision=supervision)
     run = tracking.RunTracker(tracking_uri, benchmark, run_id=trained.run_id)
     run.set_tags({"mlflow.parentRunId": parent_run_id, "mlflow.runName": name, "variant": name,
                   "kind": "ablation-variant"})

@@ -102,26 +102,41 @@ def with_switches(cfg: ModelConfig, **switches: bool) -> ModelConfig:
     return replace(cfg, **switches)
 
 
+# Ablation variant part that trains with region-caption supervision instead of view captions.
+REGION_VARIANT = "region-captions"
+
+
+def variant_supervision(name: str) -> str | None:
+    """Caption supervision a variant name asks for: "region" when it has the ``region-captions``
+    part (``region-captions``, ``no-fusion+region-captions``), else None (the study's default)."""
+    return "region" if REGION_VARIANT in [p.strip() for p in name.split("+")] else None
+
+
 def variant_switches(name: str) -> dict[str, bool]:
     """Switches of an ablation variant name: ``full`` (all on), ``no-<switch>`` with dashes
-    (``no-fusion``, ``no-implicit-condition``), or several joined by ``+`` (``no-fusion+no-binary-head``)."""
+    (``no-fusion``, ``no-implicit-condition``), or several joined by ``+`` (``no-fusion+no-binary-head``).
+    A ``region-captions`` part sets no switch (see :func:`variant_supervision`)."""
     name = name.strip()
-    if name == "full":
+    parts = [p for p in name.split("+") if p.strip() != REGION_VARIANT]
+    if name == "full" or not parts:
         return {}
     off: dict[str, bool] = {}
-    for part in name.split("+"):
+    for part in parts:
         switch = part.strip().removeprefix("no-").replace("-", "_")
         if not part.strip().startswith("no-") or switch not in SWITCHES:
-            choices = ", ".join(["full", *(variant_name({s: False}) for s in SWITCHES)])
+            choices = ", ".join(["full", *(variant_name({s: False}) for s in SWITCHES), REGION_VARIANT])
             raise InputError(f"unknown ablation variant {name!r} (choose from {choices}, or join with '+')")
         off[switch] = False
     return off
 
 
-def variant_name(switches: Mapping[str, bool]) -> str:
-    """Inverse of :func:`variant_switches` for the switches that are off."""
-    off = [s for s in SWITCHES if switches.get(s) is False]
-    return "+".join("no-" + s.replace("_", "-") for s in off) or "full"
+def variant_name(switches: Mapping[str, bool], supervision: str | None = None) -> str:
+    """Inverse of :func:`variant_switches` (and :func:`variant_supervision`): the switches that
+    are off, then ``region-captions`` when the variant trains with region captions."""
+    parts = ["no-" + s.replace("_", "-") for s in SWITCHES if switches.get(s) is False]
+    if supervision == "region":
+        parts.append(REGION_VARIANT)
+    return "+".join(parts) or "full"
 
 
 def _from_dict(cls: type, data: Mapping[str, Any], source: str) -> Any:

@@ -165,3 +165,13 @@ def test_inference_rebuilds_the_recorded_variant(tmp_path):
     assert loaded.model.merger is None and loaded.model.binary_head is None
     state = loaded.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_region_captions_variant_part():
+    from xmask3d.config import variant_supervision
+
+    assert variant_switches("region-captions") == {} and variant_supervision("region-captions") == "region"
+    mixed = "region-captions+no-fusion"
+    assert variant_switches(mixed) == {"fusion": False} and variant_supervision(mixed) == "region"
+    assert variant_name(variant_switches(mixed), variant_supervision(mixed)) == "no-fusion+region-captions"
+    assert variant_supervision("no-fusion") is None and variant_name({}, None) == "full"
