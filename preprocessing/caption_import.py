@@ -33,9 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from preprocessing.captions import embed_captions, read_json_file
 from storage.errors import InputError
 from storage.regions import RegionCaptions
 from storage.store import Store, open_store
+from xmask3d.text import build_text_encoder, text_encoder_info
 
 FORMATS = ("regionplc", "pla")
 PLA_LEVELS = ("view", "entity")
@@ -207,13 +209,7 @@ def safe_load_index_pickle(path: str | Path) -> dict[str, dict[str, np.ndarray]]
 
 def load_caption_json(path: str | Path) -> dict[str, dict[str, str]]:
     """Read a view / entity / region caption JSON: scene -> name -> caption text."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: caption file not found")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: not a valid caption JSON ({error})") from error
+    raw = read_json_file(path, "caption")
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected an object {{scene_id: {{name: caption}}}}")
     out: dict[str, dict[str, str]] = {}
@@ -293,7 +289,6 @@ def _key_frame(fmt: str, key: str) -> int | None:
 
 def _resolve_encoder(store: Store, text_encoder: Any) -> tuple[Any, str]:
     """(encoder or spec to build, name) matching the store's recorded text encoder."""
-    from xmask3d.text import text_encoder_info
 
     name, dim = store.attrs.get("text_encoder"), store.attrs.get("text_dim")
     if name is None:
@@ -337,8 +332,6 @@ def import_captions(store_path: str | Path, fmt: str, captions_json: str | Path,
     encoder object with the same name/dim, for stores whose encoder needs a checkpoint path).
     Every scene is checked before any is written.
     """
-    from preprocessing.captions import embed_captions
-    from xmask3d.text import build_text_encoder
 
     if fmt not in FORMATS:
         raise InputError(f"unknown caption format {fmt!r} (expected {' or '.join(FORMATS)})")
@@ -450,14 +443,19 @@ def write_regionplc_files(store_path: str | Path, out_dir: str | Path) -> tuple[
         captions[scene_id] = caps
         boxes_np = {stem: np.asarray(b, np.float32).reshape(-1, 4) for stem, b in boxes.items()}
         records.append({"scene_name": scene_id, "infos": infos, "boxes": boxes_np})
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dataset = store.attrs.get("dataset", "scenes")
-    json_path = out_dir / f"caption_regions_{dataset}.json"
-    pkl_path = out_dir / f"{dataset}_caption_idx_regions.pkl"
+    return _write_pair(Path(out_dir), f"caption_regions_{dataset}.json", captions,
+                       f"{dataset}_caption_idx_regions.pkl", records)
+
+
+def _write_pair(out_dir: Path, json_name: str, captions: Any, pickle_name: str, index: Any
+                ) -> tuple[Path, Path]:
+    """Write a caption JSON and its index pickle into ``out_dir``; -> their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, pkl_path = out_dir / json_name, out_dir / pickle_name
     json_path.write_text(json.dumps(captions, indent=1), encoding="utf-8")
     with pkl_path.open("wb") as f:
-        pickle.dump(records, f)
+        pickle.dump(index, f)
     return json_path, pkl_path
 
 
@@ -496,12 +494,6 @@ def write_pla_files(store_path: str | Path, out_dir: str | Path, level: str = "e
             infos[key] = torch.from_numpy(regions.points_of(i).astype(np.int32))  # an IntTensor
         captions[scene_id] = caps
         index[scene_id] = infos
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dataset = store.attrs.get("dataset", "scenes")
-    json_path = out_dir / f"caption_{level}_{dataset}.json"
-    pkl_path = out_dir / f"{dataset}_{level}_matching_idx.pickle"
-    json_path.write_text(json.dumps(captions, indent=1), encoding="utf-8")
-    with pkl_path.open("wb") as f:
-        pickle.dump(index, f)
-    return json_path, pkl_path
+    return _write_pair(Path(out_dir), f"caption_{level}_{dataset}.json", captions,
+                       f"{dataset}_{level}_matching_idx.pickle", index)

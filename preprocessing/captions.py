@@ -16,15 +16,20 @@ from storage.errors import InputError
 from xmask3d.text import TextEncoder
 
 
-def load_captions(path: Path) -> dict[str, dict[int, str]]:
-    """scene -> frame index -> caption; InputError on a missing or malformed file."""
+def read_json_file(path: Path, what: str, hint: str = "") -> object:
+    """The parsed JSON of a caption-like file; InputError naming the file when missing or malformed."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: caption file not found (pass --captions PATH, or --captions none)")
+        raise InputError(f"{path}: {what} file not found" + (f" ({hint})" if hint else ""))
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: not a valid caption JSON ({error})") from error
+        raise InputError(f"{path}: not a valid {what} JSON ({error})") from error
+
+
+def load_captions(path: Path) -> dict[str, dict[int, str]]:
+    """scene -> frame index -> caption; InputError on a missing or malformed file."""
+    raw = read_json_file(path, "caption", "pass --captions PATH, or --captions none")
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected an object {{scene_id: {{frame: text}}}}")
     out: dict[str, dict[int, str]] = {}

@@ -165,24 +165,24 @@ def _text_encoder(spec: str):
     return build_text_encoder(spec)
 
 
-def _captions(path: Path) -> dict[str, dict[int, str]]:
-    """The caption file, parsed once per process (and again if the file changes)."""
+def _file_version(path: Path, what: str) -> tuple[Path, int, int]:
+    """(path, mtime, size): the cache key of a parsed file, so a changed file is parsed again."""
     path = Path(path)
     try:
         stat = path.stat()
     except OSError as error:
-        raise InputError(f"{path}: caption file not found ({error.strerror})") from error
-    return _load_captions_cached(path, stat.st_mtime_ns, stat.st_size)
+        raise InputError(f"{path}: {what} file not found ({error.strerror})") from error
+    return path, stat.st_mtime_ns, stat.st_size
+
+
+def _captions(path: Path) -> dict[str, dict[int, str]]:
+    """The caption file, parsed once per process (and again if the file changes)."""
+    return _load_captions_cached(*_file_version(path, "caption"))
 
 
 def _region_captions(path: Path) -> dict:
     """The region caption file, parsed once per process (and again if the file changes)."""
-    path = Path(path)
-    try:
-        stat = path.stat()
-    except OSError as error:
-        raise InputError(f"{path}: region caption file not found ({error.strerror})") from error
-    return _load_regions_cached(path, stat.st_mtime_ns, stat.st_size)
+    return _load_regions_cached(*_file_version(path, "region caption"))
 
 
 @functools.lru_cache(maxsize=2)

@@ -15,11 +15,11 @@ stored frame size along each axis separately (x by width, y by height). Empty se
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from preprocessing.captions import read_json_file
 from storage.errors import InputError
 
 REGION_FORMAT = "xmask3d-region-captions/1"
@@ -29,14 +29,7 @@ Box = tuple[float, float, float, float]
 
 def load_region_captions(path: Path) -> dict[str, dict[int, list[tuple[str, Box]]]]:
     """scene -> frame number -> [(text, box)]; InputError naming the file on anything malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: region caption file not found "
-                         "(pass --region-captions none to run without)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: not a valid region caption JSON ({error})") from error
+    raw = read_json_file(path, "region caption", "pass --region-captions none to run without")
     if not isinstance(raw, dict) or raw.get("format") != REGION_FORMAT \
             or not isinstance(raw.get("scenes"), dict):
         raise InputError(f"{path}: expected {{'format': '{REGION_FORMAT}', 'scenes': {{...}}}}")
