@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=0)
     parser.add_argument("--eval-max-views", type=int, default=0)
+    parser.add_argument("--augment", action="store_true", help="voxeliser rotation/scale augmentation")
     parser.add_argument("--loss", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="LossConfig overrides, e.g. region_pooling=mean region_3d_weight=2")
     parser.add_argument("--combine", action="store_true",
@@ -91,7 +92,8 @@ def main() -> None:
     cfg = OpenVocabConfig(scenes=args.scenes, data_seed=args.data_seed, seeds=tuple(args.seeds),
                           conditions=tuple(args.conditions), epochs=args.epochs, loop=args.loop,
                           batch_size=args.batch_size, max_steps=args.max_steps,
-                          eval_max_views=args.eval_max_views, loss_overrides=parse_overrides(args.loss))
+                          eval_max_views=args.eval_max_views, loss_overrides=parse_overrides(args.loss),
+                          augment=args.augment)
     start = time.monotonic()
     result = run_openvocab(args.out, cfg, args.tracking_uri)
     text = report(result)

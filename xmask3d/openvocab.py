@@ -65,6 +65,7 @@ class OpenVocabConfig:
     max_steps: int = 0
     eval_max_views: int = 0
     log_every: int = 8
+    augment: bool = False  # the voxeliser rotation/scale augmentation of the 3D input
     # Model switches for every condition. The mask regularisation is off by default: in `tiny` the
     # MaskCLIP image tower is random, so the regularisation pulls 3D features of masks towards
     # random vectors (docs/openvocab.md); with real CLIP weights it belongs on.
@@ -219,6 +220,7 @@ def train_condition(store: Path, cfg: OpenVocabConfig, condition: str, seed: int
     overrides: dict[str, Any] = {"seed": seed, "epochs": cfg.epochs, "loop": cfg.loop,
                                  "batch_size": cfg.batch_size, "max_steps": cfg.max_steps,
                                  "eval_max_views": cfg.eval_max_views, "log_every": cfg.log_every,
+                                 "augment": cfg.augment,
                                  "ply_scenes": 0, "checkpoint_dir": str(out_dir / "checkpoints")}
     switches, supervision = CONDITION_SETTINGS[condition]
     start = time.monotonic()

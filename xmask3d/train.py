@@ -76,6 +76,7 @@ class TrainConfig:
     ply_scenes: int = 3  # scenes exported as coloured PLY (prediction vs ground truth)
     contra_start_epoch: int | None = None  # None = the benchmark's (50 / 75 epochs)
     torch_threads: int = 0  # > 0: torch.set_num_threads (intra-op threads); 0 = torch's default
+    augment: bool = False  # the official voxeliser rotation/scale of the 3D input (storage.dataset)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -624,7 +625,7 @@ def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, mo
     base_text = encoder.encode(list(bench.base)).to(info.device)
     dataset = SceneViewDataset(store_path, bench.name, split="train", mode="train", voxel_size=cfg.voxel_size,
                                loop=cfg.loop, seed=cfg.seed, image_size=cfg.image_size,
-                               regions=model_cfg.loss.region_captions)
+                               regions=model_cfg.loss.region_captions, augment=cfg.augment)
 
     def loss_fn(m: nn.Module, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
         terms = compute_losses(m(batch, base_text, epoch), batch, model_cfg.loss, epoch)
