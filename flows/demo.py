@@ -103,7 +103,8 @@ def run_demo(out_dir: Path = Path("demo_output"), tracking_uri: str | None = Non
     raw, store = out_dir / "raw", out_dir / "scannet.zarr"
 
     start = time.monotonic()
-    if not _raw_complete(raw):
+    fresh = not _raw_complete(raw)  # e.g. an older demo's directory: rewrite, then redo its scenes
+    if fresh:
         log.info("writing %d synthetic ScanNet scenes to %s", SCENES, raw)
         write_scannet(raw, scenes=SCENES, small=True, seed=SEED)
     seconds["synthesize"] = time.monotonic() - start
@@ -111,7 +112,8 @@ def run_demo(out_dir: Path = Path("demo_output"), tracking_uri: str | None = Non
     start = time.monotonic()
     summaries, _ = run_locally(dataset="scannet", raw_dir=str(raw), store=str(store),
                                captions=str(raw / "captions.json"), text_encoder="minilm", workers=workers,
-                               region_captions=str(raw / "region_captions.json"))
+                               region_captions=str(raw / "region_captions.json"),
+                               overwrite=fresh and store.exists())
     failed = [s for s in summaries if s.status == "failed"]
     if failed:
         names = ", ".join(f"{s.scene_id} ({s.error})" for s in failed)
