@@ -32,11 +32,6 @@ class RegionCaptions:
         return len(self.text)
 
     @classmethod
-    def empty(cls, dim: int) -> RegionCaptions:
-        return cls(np.zeros(0, np.int32), np.zeros((0, 4), np.float32), [], np.zeros((0, dim), np.float16),
-                   np.zeros(1, np.int64), np.zeros(0, np.int32))
-
-    @classmethod
     def from_sets(cls, text: list[str], point_sets: list[np.ndarray], clip: np.ndarray,
                   frame: np.ndarray | None = None, box: np.ndarray | None = None) -> RegionCaptions:
         """Build from per-region point-index arrays (sorted and de-duplicated here)."""

@@ -83,8 +83,6 @@ ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
 
 SCANNET_POINT_ARRAYS = ("points/xyz", "points/rgb", "points/nyu40", "points/category")
 S3DIS_POINT_ARRAYS = ("points/xyz", "points/rgb", "points/label")
-REGION_ARRAYS = ("captions/region_frame", "captions/region_box", "captions/region_text",
-                 "captions/region_clip", "captions/region_offsets", "captions/region_point")
 FRAME_ARRAYS = ("frames/index", "frames/pose", "frames/intrinsic", "frames/color", "frames/depth",
                 "proj/offsets", "proj/point", "proj/uv", "captions/text", "captions/clip")
 

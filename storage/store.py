@@ -232,6 +232,16 @@ def remove_stale_tmp(store: Store, scene_ids: list[str] | None = None) -> list[s
     return removed
 
 
+def write_array(group: zarr.Group, name: str, data: np.ndarray, overwrite: bool = False) -> None:
+    """Write a whole schema array into a scene group (dtype checked; embeddings take their width)."""
+    data = np.asarray(data)
+    check_dtype(name, data)
+    D = data.shape[1] if name in ("captions/clip", "captions/region_clip") else 0
+    arr = create_array(group, name, len(data), D=D, overwrite=overwrite)
+    if len(data):
+        arr[...] = data
+
+
 def write_region_arrays(group: zarr.Group, regions: RegionCaptions) -> None:
     """Write the ``captions/region_*`` arrays of ``regions`` into a scene group (replacing old ones)."""
     data = {
@@ -243,11 +253,7 @@ def write_region_arrays(group: zarr.Group, regions: RegionCaptions) -> None:
         "captions/region_point": regions.point.astype(np.int32),
     }
     for name, array in data.items():
-        check_dtype(name, array)
-        D = array.shape[1] if name == "captions/region_clip" else 0
-        arr = create_array(group, name, len(array), D=D, overwrite=True)
-        if len(array):
-            arr[...] = array
+        write_array(group, name, array, overwrite=True)
 
 
 class SceneWriter:
@@ -290,12 +296,7 @@ class SceneWriter:
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Write a whole array (points/*, frames/index|pose|intrinsic, proj/*, captions/*)."""
-        data = np.asarray(data)
-        check_dtype(name, data)
-        D = data.shape[1] if name in ("captions/clip", "captions/region_clip") else 0
-        arr = create_array(self.group, name, len(data), D=D)
-        if len(data):
-            arr[...] = data
+        write_array(self.group, name, data)
 
     def write_regions(self, regions: RegionCaptions, source: dict[str, Any]) -> None:
         """Region captions of the scene being written; recorded as attr ``region_captions`` at commit."""

@@ -21,7 +21,7 @@ from typing import Any
 from storage.errors import InputError
 from xmask3d.backbone3d import Backbone3DConfig
 from xmask3d.clip import ClipConfig, clip_preset
-from xmask3d.losses import LossConfig
+from xmask3d.losses import CAPTION_SUPERVISION, LossConfig
 from xmask3d.mask_generator import MaskGeneratorConfig, mask_generator_preset
 
 PRESETS = ("tiny", "small", "paper")
@@ -89,7 +89,6 @@ class ModelConfig:
         return {name: getattr(self, name) for name in SWITCHES}
 
 
-CAPTION_SUPERVISION = ("official", "region", "official+region")
 # Names of the ModelConfig component switches, in the order of the ablation table.
 SWITCHES = ("implicit_condition", "mask_regularization", "fusion", "binary_head", "caption_losses")
 

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from xmask3d.matcher import HungarianMatcher, point_sample
 
 IGNORE = 255
+# LossConfig.caption_supervision values (ModelConfig.caption_supervision is copied into it)
+CAPTION_SUPERVISION = ("official", "region", "official+region")
 
 
 @dataclass
@@ -103,9 +105,9 @@ class LossConfig:
     caption_losses: bool = True  # loss_explicit_contra, _3d, _2d_pre
 
     def __post_init__(self) -> None:
-        if self.caption_supervision not in ("official", "region", "official+region"):
-            raise ValueError("LossConfig.caption_supervision must be 'official', 'region' or "
-                             f"'official+region', got {self.caption_supervision!r}")
+        if self.caption_supervision not in CAPTION_SUPERVISION:
+            raise ValueError(f"LossConfig.caption_supervision must be one of {list(CAPTION_SUPERVISION)}, "
+                             f"got {self.caption_supervision!r}")
         if self.region_pooling not in ("mean", "score"):
             raise ValueError(
                 f"LossConfig.region_pooling must be 'mean' or 'score', got {self.region_pooling!r}")
@@ -361,9 +363,11 @@ def region_caption_loss(
     phrases, label = torch.unique(F.normalize(region_clip.float(), dim=-1), dim=0, return_inverse=True)
     # [R,K]: the phrases that count as the region's own (itself, and near-identical wordings)
     positive = (phrases[label] @ phrases.T >= same_phrase_cos) | F.one_hot(label, len(phrases)).bool()
+    member = feats[region_point]
     if grad_mask is not None:
-        feats = torch.where(grad_mask[:, None], feats, feats.detach())
-    member = feats[region_point].float()
+        keep = grad_mask[region_point, None]
+        member = torch.where(keep, member, member.detach())
+    member = member.float()
     if pooling == "mean":
         num = len(region_clip)
         total = member.new_zeros(num, member.shape[1]).index_add(0, region_index, member)

@@ -35,13 +35,13 @@ from storage.errors import InputError
 log = logging.getLogger(__name__)
 
 BENCHMARK = "synthetic-b15n4"
-CONDITIONS = ("no-captions", "official", "region")
 # condition -> (model switches, caption supervision)
 CONDITION_SETTINGS: dict[str, tuple[dict[str, bool], str]] = {
     "no-captions": ({"caption_losses": False}, "official"),
     "official": ({}, "official"),
     "region": ({}, "region"),
 }
+CONDITIONS = tuple(CONDITION_SETTINGS)
 HEADS = ("3d", "2d", "fused")
 SPLITS = ("miou_base", "miou_novel", "hiou")
 
