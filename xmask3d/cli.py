@@ -7,6 +7,8 @@ Bad input raises ``storage.errors.InputError`` and exits with code 2 and a one-l
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -240,12 +242,9 @@ def train(
              "official+region; default: the preset's (official)")] = None,
 ) -> None:
     """Train XMask3D on one benchmark, tracked in MLflow."""
-    import logging
-    import os
-
-    from xmask3d.tracking import promote_if_better
-    from xmask3d.train import train as run_training
-    from xmask3d.train import train_preset
+    from xmask3d.engine.tracking import promote_if_better
+    from xmask3d.engine.train import train as run_training
+    from xmask3d.engine.train import train_preset
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     given = {"epochs": epochs, "max_steps": max_steps, "checkpoint_every": checkpoint_every,
@@ -278,7 +277,7 @@ def evaluate(
                             ] = None,
 ) -> None:
     """Evaluate a model: mIoU base / novel / hIoU for the 3D, 2D and fused heads."""
-    from xmask3d.evaluate import evaluate as run_evaluation
+    from xmask3d.engine.evaluate import evaluate as run_evaluation
 
     result = run_evaluation(store, benchmark, model, tracking_uri=tracking_uri, max_views=max_views)
     typer.echo(result.table())
@@ -302,10 +301,8 @@ def ablate(
                                                           "else sqlite:///mlruns.db)")] = None,
 ) -> None:
     """Ablation study: train + evaluate model variants as nested MLflow runs, print the comparison table."""
-    import logging
-
-    from xmask3d.ablate import resolve_variants
-    from xmask3d.train import check_store, train_preset
+    from xmask3d.engine.ablate import resolve_variants
+    from xmask3d.engine.train import check_store, train_preset
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("mlflow", "sentence_transformers", "httpx"):
@@ -313,14 +310,14 @@ def ablate(
     names = resolve_variants(variants)  # bad names fail here, before Prefect starts
     overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
     train_preset(preset, **overrides)
-    from preprocessing.benchmarks import get_benchmark
+    from storage.benchmarks import get_benchmark
 
     check_store(store, get_benchmark(benchmark), need_val=True)
     from flows.ablate import ablate as ablate_flow
 
     result = ablate_flow(store=str(store), benchmark=benchmark, preset=preset, variants=names,
                          train_config=overrides or None, tracking_uri=tracking_uri, max_views=max_views)
-    from xmask3d.ablate import table_markdown
+    from xmask3d.engine.ablate import table_markdown
 
     typer.echo(table_markdown(result["rows"], benchmark, preset))
     typer.echo(f"MLflow parent run {result['parent_run_id']}")
@@ -338,7 +335,7 @@ def render(
                             ] = None,
 ) -> None:
     """Qualitative panels of one scene: views with GT and the 3D / 2D / fused predictions, top-down."""
-    from xmask3d.panels import render_run
+    from xmask3d.engine.panels import render_run
 
     for path in render_run(run, scene, out, store=store, tracking_uri=tracking_uri, views=views):
         typer.echo(str(path))
@@ -348,7 +345,7 @@ def render(
 @user_errors
 def model_summary(preset: Annotated[str, typer.Option(help="tiny|small|paper")] = "tiny") -> None:
     """Print parameter counts per component of a preset."""
-    from xmask3d.model import summary
+    from xmask3d.network.model import summary
 
     typer.echo(summary(preset))
 
@@ -357,9 +354,6 @@ def model_summary(preset: Annotated[str, typer.Option(help="tiny|small|paper")] 
 @user_errors
 def demo(out: Annotated[Path, typer.Option(help="demo output directory")] = Path("demo_output")) -> None:
     """Synthetic data -> preprocess -> train (tiny) -> evaluate, on CPU."""
-    import logging
-    import os
-
     from flows.demo import report, run_demo
 
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # also for the worker processes
