@@ -9,7 +9,7 @@ import zarr
 
 from storage.errors import InputError
 from storage.schema import ARRAYS, SCHEMA_VERSION
-from storage.store import StoreWriteError, create_store, open_store, remove_stale_tmp
+from storage.store import StoreWriteError, create_store, open_store, recover_store
 
 
 def entries(store):
@@ -144,10 +144,13 @@ def test_overwrite_replaces_atomically_and_stale_tmp_is_removed(tmp_path):
     write_scene(store, "scene0000_00", frames=2)
     assert store.scene("scene0000_00").num_frames == 2
     assert entries(store) == ["scene0000_00"]
-    # a crashed writer leaves a temporary group: it is not a scene, and cleanup removes it
-    (store.scenes_dir / ".tmp-scene0001_00" / "points").mkdir(parents=True)
+    # a crashed writer leaves a group without its marker (and a legacy .tmp- group): neither is a
+    # scene, and with no live owner cleanup removes both
+    (store.scenes_dir / "scene0001_00" / "points").mkdir(parents=True)
+    zarr.open_group(str(store.scenes_dir / "scene0001_00"), mode="a").attrs["split"] = "train"
+    (store.scenes_dir / ".tmp-scene0002_00" / "points").mkdir(parents=True)
     assert store.scene_ids() == ["scene0000_00"]
-    assert remove_stale_tmp(store) == [".tmp-scene0001_00"]
+    assert sorted(recover_store(store)) == ["removed .tmp-scene0002_00", "removed unfinished scene scene0001_00"]
     assert entries(store) == ["scene0000_00"]
 
 
