@@ -198,7 +198,7 @@ class Lease:
                 return self
             if time.monotonic() >= deadline:
                 waited = f" after waiting {wait_s:.0f} s" if wait_s > 0 else ""
-                raise LeaseHeldError(f"{what or self.path}: held by {other.describe()}{waited}", other)
+                raise LeaseHeldError(f"{what or self.path} is held by {other.describe()}{waited}", other)
             time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
     def check(self) -> None:

@@ -443,9 +443,10 @@ def create_store(path: str | Path, dataset: str, text_encoder: str | None, text_
     attrs = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "created_by": CREATED_BY,
              "text_encoder": text_encoder, "text_dim": int(text_dim)}
     try:
-        for name in os.listdir(path) if path.is_dir() else []:
-            if name.endswith(PARTIAL_SUFFIX):
-                (path / name).unlink(missing_ok=True)
+        for folder in (path, path / "scenes"):  # temporaries of the killed create
+            for name in os.listdir(folder) if folder.is_dir() else []:
+                if name.endswith(PARTIAL_SUFFIX):
+                    (folder / name).unlink(missing_ok=True)
         put_bytes(path / "scenes" / "zarr.json", _group_meta({}))
         put_bytes(path / "zarr.json", _group_meta(attrs))  # the store exists from this write on
     except OSError as error:
