@@ -509,6 +509,10 @@ def recover_store(store: Store, stale_partial_s: float = STALE_AFTER_S) -> list[
             ids.add(scene_id)
     for scene_id in sorted(ids):
         try:
+            _check_scene_id(scene_id)
+        except InputError:
+            continue  # not a name a writer makes
+        try:
             with store.claim(scene_id, f"recover {scene_id}"):
                 done += store._recover_scene(scene_id)
         except LeaseHeldError:

@@ -150,7 +150,8 @@ def test_overwrite_replaces_atomically_and_stale_tmp_is_removed(tmp_path):
     zarr.open_group(str(store.scenes_dir / "scene0001_00"), mode="a").attrs["split"] = "train"
     (store.scenes_dir / ".tmp-scene0002_00" / "points").mkdir(parents=True)
     assert store.scene_ids() == ["scene0000_00"]
-    assert sorted(recover_store(store)) == ["removed .tmp-scene0002_00", "removed unfinished scene scene0001_00"]
+    assert sorted(recover_store(store)) == ["removed .tmp-scene0002_00",
+                                            "removed unfinished scene scene0001_00"]
     assert entries(store) == ["scene0000_00"]
 
 
