@@ -20,9 +20,11 @@ name plus ``total`` = Σ weight·term (``loss_weights(cfg, ...)`` gives the weig
 Terms of a component switched off in ``ModelConfig`` (copied into ``LossConfig``:
 ``mask_regularization``, ``fusion``, ``binary_head``, ``caption_losses``) are absent from the result.
 
-2D ground truth: the store keeps per-point labels and their pixels but no label images, so the
-GT masks are built by splatting the base labels of the view's points into a label image at the
-mask resolution (``build_2d_targets``); see docs/model.md.
+2D ground truth: views of scenes with ScanNet 2D label images (``batch["label_2d"]``, flagged by
+``has_label_2d``) take their GT masks from the label image resized to the mask resolution with
+nearest neighbour (``label_image_targets``), as the official loader does; views without (a scene
+preprocessed without its ``_2d-label-filt.zip``, S3DIS) splat the base labels of the view's points
+into a label image at the mask resolution (``build_2d_targets``); see docs/model.md.
 """
 
 from __future__ import annotations
@@ -184,6 +186,25 @@ def build_2d_targets(
     image = image[:, 0].masked_fill(image[:, 0] == empty, num_classes)
     targets = []
     for b in range(batch_size):
+        present = torch.unique(image[b])
+        if not null_segment:
+            present = present[present != num_classes]
+        targets.append({"labels": present, "masks": (image[b][None] == present[:, None, None]).float()})
+    return targets
+
+
+def label_image_targets(
+    label_2d: torch.Tensor, num_classes: int, mask_size: tuple[int, int], null_segment: bool = True
+) -> list[dict[str, torch.Tensor]]:
+    """Per-view GT masks from 2D label images: label_2d [B,H,W] base labels (0..C−1, 255 = novel,
+    ignored or unannotated) resized to ``mask_size`` (h, w) with nearest neighbour (pixel centres);
+    every non-base pixel is the null class C, a GT mask of class C with ``null_segment`` (Q6).
+    -> per view {labels int64[M], masks float[M,h,w]}."""
+    image = F.interpolate(label_2d[:, None].float(), size=tuple(mask_size), mode="nearest-exact")
+    image = image[:, 0].long()
+    image = image.masked_fill(image >= num_classes, num_classes)
+    targets = []
+    for b in range(image.shape[0]):
         present = torch.unique(image[b])
         if not null_segment:
             present = present[present != num_classes]
@@ -550,6 +571,14 @@ def compute_losses(
         cfg.null_segment,
         cfg.gt_fill_radius,
     )
+    if "label_2d" in batch and bool(batch["has_label_2d"].any()):
+        from_images = label_image_targets(
+            batch["label_2d"].to(device), num_classes, tuple(pred_masks.shape[-2:]), cfg.null_segment
+        )
+        has = batch["has_label_2d"].tolist()
+        targets = [
+            dense if use else splat for splat, dense, use in zip(targets, from_images, has, strict=True)
+        ]
     losses = SetCriterion(cfg)(pred_logits, pred_masks, targets, outputs.get("aux"))
     if cfg.fusion:
         losses["loss_3d"] = ce_3d(
