@@ -212,6 +212,36 @@ def label_image_targets(
     return targets
 
 
+def view_targets(
+    batch: dict[str, Any],
+    batch_size: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    mask_size: tuple[int, int],
+    cfg: LossConfig,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, torch.Tensor]]:
+    """The 2D GT of every view of a batch: from its label image where ``has_label_2d``, else
+    splatted from its points' base labels (``image_size`` (H, W) of ``uv``, masks at ``mask_size``)."""
+    label_base = batch["label_base"].to(device).long()
+    targets = build_2d_targets(
+        label_base,
+        batch["uv"].to(device),
+        batch["batch_index"].to(device),
+        batch_size,
+        num_classes,
+        image_size,
+        mask_size,
+        cfg.null_segment,
+        cfg.gt_fill_radius,
+    )
+    if "label_2d" in batch and bool(batch["has_label_2d"].any()):
+        dense = label_image_targets(batch["label_2d"].to(device), num_classes, mask_size, cfg.null_segment)
+        use = batch["has_label_2d"].tolist()
+        targets = [d if u else t for t, d, u in zip(targets, dense, use, strict=True)]
+    return targets
+
+
 # --------------------------------------------------------------------------- Mask2Former criterion
 
 
@@ -553,32 +583,15 @@ def compute_losses(
     """Every loss term (unweighted, official names) and ``total`` = Σ weight·term.
 
     ``outputs`` is ``XMask3D.forward``'s dict; ``batch`` the collate output (label_base, binary,
-    uv, batch_index, caption, has_caption).
+    uv, batch_index, caption, has_caption; label_2d and has_label_2d when collated from a store).
     """
     pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
     batch_size, num_classes = pred_logits.shape[0], pred_logits.shape[-1] - 1
     device = pred_logits.device
     batch_index = batch["batch_index"].to(device)
     label_base = batch["label_base"].to(device).long()
-    targets = build_2d_targets(
-        label_base,
-        batch["uv"].to(device),
-        batch_index,
-        batch_size,
-        num_classes,
-        tuple(outputs["image_size"]),
-        tuple(pred_masks.shape[-2:]),
-        cfg.null_segment,
-        cfg.gt_fill_radius,
-    )
-    if "label_2d" in batch and bool(batch["has_label_2d"].any()):
-        from_images = label_image_targets(
-            batch["label_2d"].to(device), num_classes, tuple(pred_masks.shape[-2:]), cfg.null_segment
-        )
-        has = batch["has_label_2d"].tolist()
-        targets = [
-            dense if use else splat for splat, dense, use in zip(targets, from_images, has, strict=True)
-        ]
+    image_size, mask_size = tuple(outputs["image_size"]), tuple(pred_masks.shape[-2:])
+    targets = view_targets(batch, batch_size, num_classes, image_size, mask_size, cfg, device)
     losses = SetCriterion(cfg)(pred_logits, pred_masks, targets, outputs.get("aux"))
     if cfg.fusion:
         losses["loss_3d"] = ce_3d(
