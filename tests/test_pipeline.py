@@ -227,8 +227,8 @@ from pathlib import Path
 from storage.store import SceneWriter
 from preprocessing.pipeline import PreprocessConfig, preprocess_scannet_scene
 added = SceneWriter.add_frame
-def add_then_die(self, color, depth):
-    added(self, color, depth)
+def add_then_die(self, color, depth, labels=None):
+    added(self, color, depth, labels)
     if self._frames["count"] == 3:
         self._flush_frames()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -70,7 +70,8 @@ def download_scannet(out_dir: Path, url: str | None = None, mirror: Path | None 
     """Download the label TSV, the split lists the server hosts and the per-scene files into ``out_dir``.
 
     Scenes: ``scenes`` if given, else the ``split`` list (``train``/``val``/``test``), else train
-    and val; lists come from the server when it hosts them, else the packaged official ones.
+    and val; those lists come from the server when it hosts them, else the packaged official ones
+    (given scenes are placed under scans/ or scans_test/ by the lists in ``out_dir`` or the packaged ones).
     Complete files are skipped, so a rerun resumes an interrupted download. Returns every path.
     """
     if url is None and mirror is None:
@@ -87,11 +88,12 @@ def download_scannet(out_dir: Path, url: str | None = None, mirror: Path | None 
     base = check_source(url if url is not None else Path(mirror))
     out_dir = Path(out_dir)
     top = [fetch(base, name, out_dir, policy) for name in TOP_FILES]
-    hosted = [p for name in SPLIT_FILES.values() if (p := _fetch_if_hosted(base, name, out_dir, policy))]
+    hosted: list[Path] = []
+    if scenes is None:  # the scenes of a split: the server's lists when it hosts them
+        hosted = [p for name in SPLIT_FILES.values() if (p := _fetch_if_hosted(base, name, out_dir, policy))]
     scene_split, sources = split_lists(out_dir)
-    if len(hosted) < len(SPLIT_FILES):
-        log.info("split lists: %s", ", ".join(f"{k} from {v}" for k, v in sources.items()))
     if scenes is None:
+        log.info("split lists: %s", ", ".join(f"{k} from {v}" for k, v in sources.items()))
         wanted = [split] if split else ["train", "val"]
         scenes = [s for s, k in scene_split.items() if k in wanted]
     relatives = [rel for scene in scenes for rel in scene_files(scene, scene_split.get(scene))]
