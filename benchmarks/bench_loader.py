@@ -29,13 +29,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from storage.dataset import SceneHandle, SceneViewDataset
+from preprocessing.pipeline import PreprocessConfig, prepare_store, preprocess_scannet_scene
+from preprocessing.projection import default_margin, openscene_mapping
+from preprocessing.synthetic import write_scannet
+from storage.benchmarks import get_benchmark
+from storage.dataset import SceneHandle, SceneViewDataset, collate_scenes, voxelize
+from storage.store import open_store
 
 
 def build_store(work: Path) -> Path:
     """3 small synthetic scenes preprocessed (once) into a store under ``work``."""
-    from preprocessing.pipeline import PreprocessConfig, prepare_store, preprocess_scannet_scene
-    from preprocessing.synthetic import write_scannet
 
     store = work / "store.zarr"
     if store.is_dir():
@@ -77,8 +80,6 @@ def export_reference(store_path: Path, out: Path) -> None:
     """The official data layout: one .pth per scene (points, labels) and, per view, a colour
     JPEG, a 16-bit depth PNG, an 8-bit NYU40 label PNG and a pose text file (as OpenScene's and
     ScanNet's 2D export write them). Repeated scenes get hard links of their base scene's files."""
-    from storage.store import open_store
-
     store = open_store(store_path)
     out.mkdir(parents=True, exist_ok=True)
     done: dict[str, str] = {}
@@ -130,9 +131,6 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
     def __init__(self, ref_dir: Path, scene_ids: list[str], views: dict[str, np.ndarray], loop: int,
                  seed: int) -> None:
-        from preprocessing.benchmarks import get_benchmark
-        from storage.dataset import voxelize
-
         self.dir, self.scene_ids, self.views, self.loop, self.seed = ref_dir, scene_ids, views, loop, seed
         self.bench = get_benchmark("scannet20-b15n4")
         self.voxelize = voxelize
@@ -141,8 +139,6 @@ class ReferenceDataset(torch.utils.data.Dataset):
         return len(self.scene_ids) * self.loop
 
     def __getitem__(self, i: int) -> dict:
-        from preprocessing.projection import default_margin, openscene_mapping
-
         rng = np.random.default_rng([self.seed, 0, i])
         sid = self.scene_ids[i % len(self.scene_ids)]
         d = self.dir / sid
@@ -170,8 +166,6 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
 def throughput(dataset, batch_size: int, workers: int, batches: int, seed: int = 0) -> float:
     """Samples/s over ``batches`` shuffled batches (random scenes), after one untimed batch."""
-    from storage.dataset import collate_scenes
-
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=True,
                                          collate_fn=collate_scenes, persistent_workers=False,
                                          generator=torch.Generator().manual_seed(seed))

@@ -14,7 +14,6 @@ import torch
 import zarr
 from PIL import Image
 
-from preprocessing.benchmarks import get_benchmark
 from preprocessing.pipeline import (
     PreprocessConfig,
     list_scannet_scenes,
@@ -23,10 +22,11 @@ from preprocessing.pipeline import (
 )
 from preprocessing.scannet.download import download_scannet
 from preprocessing.scannet.splits import official_split
+from storage.benchmarks import get_benchmark
 from storage.dataset import SceneViewDataset, collate_scenes
 from storage.errors import InputError
 from storage.store import open_store
-from xmask3d.losses import LossConfig, build_2d_targets, view_targets
+from xmask3d.network.losses import LossConfig, build_2d_targets, view_targets
 
 SCENE = "scene0000_00"
 TSV = "scannetv2-labels.combined.tsv"
