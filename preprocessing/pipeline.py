@@ -10,6 +10,7 @@ The Prefect flows call the same per-scene functions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -30,8 +31,10 @@ from preprocessing.projection import Correspondences, prepare_points, project_po
 from preprocessing.region_captions import load_region_captions, scene_region_sets
 from preprocessing.s3dis.reader import read_s3dis_room
 from preprocessing.s3dis.views import index_views, resolve_views_dir, room_frames, store_room_views
+from preprocessing.scannet.labels2d import LabelImages, label_zip_path
 from preprocessing.scannet.mesh import read_scannet_scene, scene_paths
 from preprocessing.scannet.sens import SensReader
+from preprocessing.scannet.splits import list_scenes, scene_dir
 from storage.errors import InputError
 from storage.regions import RegionCaptions
 from storage.schema import DEPTH_SCALE
@@ -78,24 +81,9 @@ class SceneSummary:
 
 
 def list_scannet_scenes(raw_dir: Path) -> dict[str, str]:
-    """Scene id -> 'train' | 'val' from the official split lists, for scenes present in scans/."""
-    raw_dir = Path(raw_dir)
-    scans = raw_dir / "scans"
-    if not scans.is_dir():
-        raise InputError(f"{scans}: not found (expected the raw ScanNet v2 layout)")
-    out: dict[str, str] = {}
-    for split in ("train", "val"):
-        listing = raw_dir / f"scannetv2_{split}.txt"
-        if not listing.is_file():
-            raise InputError(f"{listing}: split list not found")
-        for line in listing.read_text().split():
-            if (scans / line).is_dir():
-                out[line] = split
-            else:
-                log.info("%s: listed in %s but not in scans/", line, listing.name)
-    if not out:
-        raise InputError(f"{scans}: no scene of the split lists is present")
-    return dict(sorted(out.items()))
+    """Scene id -> 'train' | 'val' | 'test' for the scenes under scans/ and scans_test/: split lists
+    of the raw directory where present, else the official lists shipped with the package."""
+    return list_scenes(raw_dir)
 
 
 def s3dis_room_id(area: str, room: str) -> str:
@@ -197,9 +185,10 @@ def scene_fingerprint(dataset: str, raw_dir: Path, scene_id: str, split: str, cf
     """
     raw_dir = Path(raw_dir)
     if dataset == "scannet":
-        scene_dir = raw_dir / "scans" / scene_id
-        files = {"sens": scene_dir / f"{scene_id}.sens", **scene_paths(scene_dir),
-                 "label_tsv": raw_dir / "scannetv2-labels.combined.tsv"}
+        raw_scene = scene_dir(raw_dir, scene_id, split)
+        files = {"sens": raw_scene / f"{scene_id}.sens", **scene_paths(raw_scene),
+                 "label_tsv": raw_dir / "scannetv2-labels.combined.tsv",
+                 "label_images": label_zip_path(raw_scene)}
         captions = _captions(Path(cfg.captions)).get(scene_id) if cfg.captions is not None else None
         regions = (_region_captions(Path(cfg.region_captions)).get(scene_id, {})
                    if cfg.region_captions is not None else None)
@@ -261,11 +250,11 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
     if split is None:
         split = list_scannet_scenes(raw_dir).get(scene_id)
         if split is None:
-            raise InputError(f"{raw_dir}: scene {scene_id} is in no split list")
+            raise InputError(f"{raw_dir}: no scene directory {scene_id} under scans/ or scans_test/")
     fingerprint, skip = _skip_or_rewrite(store, "scannet", raw_dir, scene_id, split, cfg)
     if skip:
         return SceneSummary(scene_id, "skipped")
-    scene_dir = raw_dir / "scans" / scene_id
+    raw_scene = scene_dir(raw_dir, scene_id, split)
     captions = None
     if cfg.captions is not None:
         captions = _captions(Path(cfg.captions))
@@ -281,9 +270,14 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
         raise InputError(f"{store.path}: store captions use {store.attrs.get('text_encoder')!r}, "
                          f"this run {encoder.name if encoder else None!r}")
 
-    sens_path = scene_dir / f"{scene_id}.sens"
+    sens_path = raw_scene / f"{scene_id}.sens"
     sens = SensReader(sens_path)
-    mesh = read_scannet_scene(scene_dir, raw_dir / "scannetv2-labels.combined.tsv")
+    tsv = raw_dir / "scannetv2-labels.combined.tsv"
+    mesh = read_scannet_scene(raw_scene, tsv, annotated=split != "test")
+    zip_path = label_zip_path(raw_scene)
+    label_images = LabelImages(zip_path, tsv) if zip_path.is_file() else None
+    if label_images is None:
+        log.info("%s: no %s; training splats point labels into its views", scene_id, zip_path.name)
     W, H = cfg.image_size
     K = sens.intrinsic(cfg.image_size).astype(np.float32)
     points = prepare_points(mesh.xyz)
@@ -305,18 +299,19 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
             batch_pose.clear()
             batch_depth.clear()
 
-    with store.writer(scene_id, fingerprint) as writer:
+    with store.writer(scene_id, fingerprint) as writer, label_images or contextlib.nullcontext():
         writer.write("points/xyz", mesh.xyz.astype(np.float32))
         writer.write("points/rgb", mesh.rgb.astype(np.uint8))
         writer.write("points/nyu40", mesh.nyu40.astype(np.uint8))
         writer.write("points/category", mesh.category.astype(np.uint16))
-        writer.begin_frames(max_frames, cfg.image_size)
+        writer.begin_frames(max_frames, cfg.image_size, label_images=label_images is not None)
         frames = sens.frames(step=cfg.frame_step, size=cfg.image_size)
         bar = tqdm(frames, total=max_frames, desc=scene_id, unit="frame", leave=False,
                    disable=not cfg.show_progress)
         for frame in bar:
             depth_mm = np.rint(np.clip(frame.depth * DEPTH_SCALE, 0, 65535)).astype(np.uint16)
-            writer.add_frame(np.ascontiguousarray(frame.color, dtype=np.uint8), depth_mm)
+            labels = label_images.frame(frame.index, cfg.image_size) if label_images else None
+            writer.add_frame(np.ascontiguousarray(frame.color, dtype=np.uint8), depth_mm, labels)
             indices.append(frame.index)
             poses.append(frame.pose.astype(np.float32))
             batch_pose.append(poses[-1])
@@ -351,6 +346,8 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
         dropped = dict(sens.dropped)
         source_files = {**{str(k): int(v) for k, v in mesh.source_files.items()},
                         sens_path.name: int(sens_path.stat().st_size)}
+        if label_images is not None:
+            source_files[zip_path.name] = int(zip_path.stat().st_size)
         writer.commit({
             "split": split,
             "dataset": "scannet",
@@ -368,6 +365,8 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
             "depth_scale": DEPTH_SCALE,
             "depth_tolerance": cfg.depth_tolerance,
             "margin": cfg.margin,
+            # 2D label images: None = the scene has none and training splats point labels instead
+            "label_images": {"file": zip_path.name, "resize": "nearest"} if label_images else None,
         })
     return SceneSummary(scene_id, "written", points=len(mesh.xyz), frames_kept=n_frames,
                         frames_dropped=dropped, seconds=time.perf_counter() - start,

@@ -1,4 +1,4 @@
-"""Open, create and write the Zarr v3 store (schema v1, see ``storage.schema``); the protocol is
+"""Open, create and write the Zarr v3 store (schema v2, see ``storage.schema``); the protocol is
 in docs/store.md.
 
 The commit protocol needs no directory rename (object storage has none). A scene is complete
@@ -37,6 +37,8 @@ from storage.schema import (
     ARRAYS,
     DEPTH_SCALE,
     FRAME_SHARD,
+    LABEL_IMAGE_ARRAYS,
+    SCHEMA_CHANGES,
     SCHEMA_VERSION,
     check_dtype,
     create_array,
@@ -82,7 +84,11 @@ def _check_root(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     attrs = meta.get("attributes", {})
     version = attrs.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise InputError(f"{path}: store schema version {version}, this code reads version {SCHEMA_VERSION}")
+        changes = "; ".join(SCHEMA_CHANGES[v] for v in sorted(SCHEMA_CHANGES)
+                            if isinstance(version, int) and version < v <= SCHEMA_VERSION)
+        hint = f" ({changes}); preprocess the raw data again into a new store" if changes else ""
+        raise InputError(f"{path}: store schema version {version}, this code reads version "
+                         f"{SCHEMA_VERSION}{hint}")
     return attrs
 
 
@@ -143,7 +149,7 @@ class Scene:
 
     def __getitem__(self, name: str) -> zarr.Array:
         if name not in ARRAYS:
-            raise KeyError(f"{name} is not in schema v1")
+            raise KeyError(f"{name} is not in schema v{SCHEMA_VERSION}")
         return self.group[name]
 
     def __contains__(self, name: str) -> bool:
@@ -163,6 +169,11 @@ class Scene:
             raise IndexError(f"{self.id}: frame {i} out of range 0..{self.num_frames - 1}")
         lo, hi = (int(x) for x in self.group["proj/offsets"][i:i + 2])
         return self.group["proj/point"][lo:hi], self.group["proj/uv"][lo:hi]
+
+    @property
+    def has_label_images(self) -> bool:
+        """True when the scene holds 2D label images (``frames/nyu40``, ``frames/category``)."""
+        return self.attrs.get("label_images") is not None
 
     @property
     def has_region_captions(self) -> bool:
@@ -608,26 +619,35 @@ class SceneWriter:
         write_region_arrays(self.group, regions)
         self._region_source = {**source, "count": len(regions)}
 
-
-    def begin_frames(self, max_frames: int, size: tuple[int, int]) -> None:
-        """Create frames/color and frames/depth for up to ``max_frames`` frames of ``size`` (W, H)."""
+    def begin_frames(self, max_frames: int, size: tuple[int, int], label_images: bool = False) -> None:
+        """Create frames/color and frames/depth (and with ``label_images`` frames/nyu40 and
+        frames/category) for up to ``max_frames`` frames of ``size`` (W, H)."""
         W, H = size
         shard = max(1, min(FRAME_SHARD, max_frames))
+        names = ("frames/color", "frames/depth", *(LABEL_IMAGE_ARRAYS if label_images else ()))
         self._frames = {
-            "color": create_array(self.group, "frames/color", max_frames, H=H, W=W, shard_frames=shard),
-            "depth": create_array(self.group, "frames/depth", max_frames, H=H, W=W, shard_frames=shard),
+            "arrays": {n: create_array(self.group, n, max_frames, H=H, W=W, shard_frames=shard)
+                       for n in names},
             "shard": shard, "count": 0, "written": 0, "buffer": [], "size": (W, H),
         }
-        self._frames["depth"].attrs["depth_scale"] = DEPTH_SCALE
+        self._frames["arrays"]["frames/depth"].attrs["depth_scale"] = DEPTH_SCALE
 
-    def add_frame(self, color: np.ndarray, depth_mm: np.ndarray) -> None:
-        """Append one frame: color uint8 [H,W,3], depth uint16 [H,W] millimetres."""
+    def add_frame(self, color: np.ndarray, depth_mm: np.ndarray,
+                  labels: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Append one frame: color uint8 [H,W,3], depth uint16 [H,W] millimetres and, when the
+        frames were begun with label images, ``labels`` = (nyu40 uint8 [H,W], category uint16 [H,W])."""
         state = self._frames
-        check_dtype("frames/color", color)
-        check_dtype("frames/depth", depth_mm)
-        if state["count"] >= state["color"].shape[0]:
-            raise ValueError(f"{self.scene_id}: more frames than announced ({state['color'].shape[0]})")
-        state["buffer"].append((color, depth_mm))
+        arrays = state["arrays"]
+        images = {"frames/color": color, "frames/depth": depth_mm,
+                  **dict(zip(LABEL_IMAGE_ARRAYS, labels or (), strict=False))}
+        if set(images) != set(arrays):
+            raise ValueError(f"{self.scene_id}: frame arrays {sorted(images)}, begun with {sorted(arrays)}")
+        for name, image in images.items():
+            check_dtype(name, image)
+        if state["count"] >= arrays["frames/color"].shape[0]:
+            raise ValueError(f"{self.scene_id}: more frames than announced "
+                             f"({arrays['frames/color'].shape[0]})")
+        state["buffer"].append(images)
         state["count"] += 1
         if len(state["buffer"]) == state["shard"]:
             self._flush_frames()
@@ -638,8 +658,8 @@ class SceneWriter:
             return
         lo = state["written"]
         hi = lo + len(state["buffer"])
-        state["color"][lo:hi] = np.stack([c for c, _ in state["buffer"]])
-        state["depth"][lo:hi] = np.stack([d for _, d in state["buffer"]])
+        for name, array in state["arrays"].items():
+            array[lo:hi] = np.stack([images[name] for images in state["buffer"]])
         state["written"] = hi
         state["buffer"] = []
 
@@ -648,10 +668,9 @@ class SceneWriter:
         state = self._frames
         self._flush_frames()
         n = state["count"]
-        W, H = state["size"]
-        if state["color"].shape[0] != n:
-            state["color"].resize((n, H, W, 3))
-            state["depth"].resize((n, H, W))
+        for array in state["arrays"].values():
+            if array.shape[0] != n:
+                array.resize((n, *array.shape[1:]))
         return n
 
     def commit(self, attrs: dict[str, Any]) -> Path:

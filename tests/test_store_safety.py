@@ -361,7 +361,7 @@ def test_partial_root_from_a_stepwise_create_is_repaired_or_reported(tmp_path):
     zarr.open_group(str(path), mode="w-")
     with pytest.raises(InputError, match="interrupted store creation"):
         open_store(path)
-    assert create_store(path, "scannet", None, 0).attrs["schema_version"] == 1
+    assert create_store(path, "scannet", None, 0).attrs["schema_version"] == 2
     # ... but metadata without schema_version next to scenes is reported, never rewritten
     write_scene(open_store(path, "r+"), "scene0000_00")
     (path / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
