@@ -12,6 +12,7 @@ from tests.servers import free_port
 
 FAST = RetryPolicy(retries=3, backoff_s=0.01, timeout_s=5)
 SCENES = ["scene0000_00", "scene0001_00"]
+HOSTED_LISTS = ["scannetv2_train.txt", "scannetv2_val.txt"]  # the tree hosts these two (no test list)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_download_resumes_after_dropped_connections(raw_tree, tmp_path):
     log = []
     with serve_directory(raw_tree, drop_once=True, log=log) as url:
         paths = download_scannet(tmp_path, url=url, workers=3, policy=FAST)
-    rels = list(TOP_FILES) + [r for s in SCENES for r in scene_files(s)]
+    rels = list(TOP_FILES) + HOSTED_LISTS + [r for s in SCENES for r in scene_files(s)]
     assert paths == [tmp_path / r for r in rels]
     assert same_tree(raw_tree, tmp_path, rels)
     assert not list(tmp_path.rglob("*.part"))
@@ -78,7 +79,7 @@ def test_split_selection_and_env_url(raw_tree, tmp_path, monkeypatch):
 
 def test_mirror_directory_behaves_like_url(raw_tree, tmp_path):
     paths = download_scannet(tmp_path, mirror=raw_tree, scenes=["scene0000_00"])
-    rels = list(TOP_FILES) + scene_files("scene0000_00")
+    rels = list(TOP_FILES) + scene_files("scene0000_00")  # scenes given: no split list needed
     assert paths == [tmp_path / r for r in rels] and same_tree(raw_tree, tmp_path, rels)
     with pytest.raises(InputError, match="scene0009_00.sens: not found in the mirror"):
         download_scannet(tmp_path / "other", mirror=raw_tree, scenes=["scene0009_00"])

@@ -93,7 +93,7 @@ def download_scannet(
     url: Annotated[str | None, typer.Option(help="your ScanNet URL (default: $XMASK3D_SCANNET_URL)")] = None,
     mirror: Annotated[Path | None, typer.Option(help="local mirror directory")] = None,
     scenes: Annotated[str | None, typer.Option(help="comma-separated scene ids")] = None,
-    split: Annotated[str | None, typer.Option(help="train or val")] = None,
+    split: Annotated[str | None, typer.Option(help="train, val or test")] = None,
     workers: Annotated[int, typer.Option(help="parallel downloads")] = 4,
 ) -> None:
     """Download the official ScanNet v2 per-scene files."""

@@ -168,8 +168,12 @@ def categories_per_vertex(segs_path: Path, aggregation_path: Path, num_vertices:
     return segment_category[seg_indices]
 
 
-def read_scannet_scene(scene_dir: Path, label_tsv: Path) -> ScanNetMesh:
-    """Read the mesh, labels and annotations of one ScanNet v2 scene directory."""
+def read_scannet_scene(scene_dir: Path, label_tsv: Path, annotated: bool = True) -> ScanNetMesh:
+    """Read the mesh, labels and annotations of one ScanNet v2 scene directory.
+
+    ``annotated=False`` (test scenes under ``scans_test/``, which ship without annotations): only
+    the mesh and ``<id>.txt`` are read and every vertex is unannotated (0).
+    """
     scene_dir = Path(scene_dir)
     paths = scene_paths(scene_dir)
     mesh = _vertices(paths["mesh"])
@@ -177,6 +181,11 @@ def read_scannet_scene(scene_dir: Path, label_tsv: Path) -> ScanNetMesh:
     rgb = np.stack([_field(mesh, c, paths["mesh"]) for c in ("red", "green", "blue")], axis=1)
     if not np.isfinite(xyz).all():
         raise InputError(f"{paths['mesh']}: non-finite vertex coordinates")
+    if not annotated:
+        return ScanNetMesh(xyz=xyz, rgb=np.clip(rgb, 0, 255).astype(np.uint8),
+                           nyu40=np.zeros(len(xyz), np.uint8), category=np.zeros(len(xyz), np.uint16),
+                           axis_alignment=read_axis_alignment(paths["meta"]),
+                           source_files={p.name: p.stat().st_size for p in (paths["mesh"], paths["meta"])})
     labeled = _vertices(paths["labels"])
     if len(labeled) != len(mesh):
         raise InputError(f"{paths['labels']}: {len(labeled)} vertices, "
