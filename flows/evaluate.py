@@ -7,12 +7,11 @@ metrics and publishes them as a table artifact.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from storage.objects import as_path
 from xmask3d.engine import evaluate as evaluation
 
 
@@ -21,7 +20,7 @@ def evaluate_model(store: str, benchmark: str, model: str, tracking_uri: str | N
                    max_views: int = 0) -> dict[str, object]:
     """Evaluate ``model`` (models:/NAME@alias, models:/NAME/VERSION, a run id or a checkpoint)."""
 
-    result = evaluation.evaluate(Path(store), benchmark, model, tracking_uri=tracking_uri,
+    result = evaluation.evaluate(as_path(store), benchmark, model, tracking_uri=tracking_uri,
                                  max_views=max_views)
     return {"metrics": dict(result.metrics), "run_id": result.run_id, "table": result.table()}
 
@@ -32,7 +31,7 @@ def evaluate(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4
              max_views: int = 0) -> dict[str, float]:
     """Evaluate one model on the validation scenes of the store; -> metrics ("<head>/<metric>")."""
     logger = get_run_logger()
-    store_path = str(Path(store).expanduser().resolve())
+    store_path = str(as_path(store).expanduser().resolve())
     result = evaluate_model(store_path, benchmark, model, tracking_uri, max_views)
     metrics = result["metrics"]
     logger.info("%s on %s (MLflow run %s):\n%s", model, benchmark, result["run_id"], result["table"])

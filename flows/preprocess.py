@@ -41,6 +41,7 @@ from preprocessing.s3dis.download import download_s3dis
 from preprocessing.s3dis.views import view_captions
 from preprocessing.scannet.download import download_scannet
 from storage.errors import InputError
+from storage.objects import as_path
 from storage.store import open_store, store_lock
 
 DATASETS = ("scannet", "s3dis")
@@ -90,14 +91,14 @@ def prepare_store(dataset: str, raw_dir: str, store: str, scenes: list[str] | No
     cfg = pipeline.PreprocessConfig(frame_step=frame_step, overwrite=overwrite, text_encoder=text_encoder,
                                     captions=caption_file, views=Path(views) if views else None,
                                     region_captions=region_file)
-    return pipeline.prepare_store(dataset, raw, Path(store), cfg, scenes)
+    return pipeline.prepare_store(dataset, raw, as_path(store), cfg, scenes)
 
 
 @task(name="preprocess-scene", task_run_name="{dataset}-{scene_id}", cache_policy=NO_CACHE)
 def preprocess_scene(dataset: str, raw_dir: str, scene_id: str, store: str, cfg: pipeline.PreprocessConfig,
                      split: str | None = None) -> pipeline.SceneSummary:
     """Decode, project, caption-embed and store one scene (a no-op if it is complete in the store)."""
-    return pipeline.SCENE_FUNCTIONS[dataset](Path(raw_dir), scene_id, Path(store), cfg, split)
+    return pipeline.SCENE_FUNCTIONS[dataset](Path(raw_dir), scene_id, as_path(store), cfg, split)
 
 
 def local_workers(workers: int | None, scenes: int) -> int:
@@ -153,7 +154,7 @@ def skip_complete(store: str, listing: dict[str, str], dataset: str, raw_dir: st
     """Summaries of the scenes complete in the store with this run's settings (the store is the cache)."""
     opened = open_store(store)
     done = {}
-    for scene_id in pipeline.complete_scenes(dataset, Path(raw_dir), Path(store), listing, cfg):
+    for scene_id in pipeline.complete_scenes(dataset, Path(raw_dir), as_path(store), listing, cfg):
         scene = opened.scene(scene_id)
         done[scene_id] = pipeline.SceneSummary(
             scene_id, "skipped", points=scene.num_points, frames_kept=scene.num_frames,
@@ -258,7 +259,7 @@ def preprocess(
     if dataset not in DATASETS:
         raise InputError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     raw = str(Path(raw_dir).expanduser().resolve())
-    out = str(Path(store).expanduser().resolve())
+    out = str(as_path(store).expanduser().resolve())
     if url or mirror:
         download(dataset, raw, url=url, mirror=mirror, scenes=scenes)
         logger.info("raw %s files in %s", dataset, raw)

@@ -8,13 +8,13 @@ moves the alias ``champion`` to that version if its hIoU beats the current champ
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from storage.objects import as_path
 from xmask3d.engine import train as training
 from xmask3d.engine.tracking import promote_if_better
 from xmask3d.engine.train import train_preset
@@ -30,7 +30,7 @@ def train_model(store: str, benchmark: str, preset: str = "tiny", train_config: 
     """Train, evaluate and register one model; -> MLflow run id, model version and URI, metrics."""
 
     cfg = train_preset(preset, **(train_config or {}))
-    result = training.train(Path(store), benchmark, preset, cfg, tracking_uri=tracking_uri, resume=resume,
+    result = training.train(as_path(store), benchmark, preset, cfg, tracking_uri=tracking_uri, resume=resume,
                    sd_dir=sd_dir, clip_checkpoint=clip_checkpoint, caption_supervision=caption_supervision)
     return {"run_id": result.run_id, "checkpoint": str(result.checkpoint_path), "model_uri": result.model_uri,
             "model_version": result.model_version, "steps": result.steps, "metrics": dict(result.metrics)}
@@ -54,7 +54,7 @@ def train(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4", 
     ``caption_supervision``: "official" | "region" | "official+region" (None = the preset's).
     """
     logger = get_run_logger()
-    store_path = str(Path(store).expanduser().resolve())
+    store_path = str(as_path(store).expanduser().resolve())
     refs = train_model(store_path, benchmark, preset, train_config, tracking_uri, resume, sd_dir,
                        clip_checkpoint, caption_supervision)
     refs["promoted"] = False

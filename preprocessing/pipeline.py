@@ -36,6 +36,7 @@ from preprocessing.scannet.mesh import read_scannet_scene, scene_paths
 from preprocessing.scannet.sens import SensReader
 from preprocessing.scannet.splits import list_scenes, scene_dir
 from storage.errors import InputError
+from storage.objects import as_path
 from storage.regions import RegionCaptions
 from storage.schema import DEPTH_SCALE
 from storage.store import OTHER_SETTINGS, create_store, open_store, recover_store, store_lock
@@ -545,7 +546,7 @@ def _run_preprocess(dataset: str, raw_dir: Path, store_path: Path, cfg: Preproce
                     workers: int | None) -> list[SceneSummary]:
     from dask.distributed import Client, LocalCluster, as_completed  # heavy: only the driver needs it
 
-    raw_dir, store_path = Path(raw_dir), Path(store_path)
+    raw_dir, store_path = Path(raw_dir), as_path(store_path)
     listing, cfg = prepare_store(dataset, raw_dir, store_path, cfg, scenes)
     ids = list(listing)
     if dask_address:

@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 from storage.benchmarks import Benchmark, get_benchmark
 from storage.errors import InputError
+from storage.objects import as_path
 from storage.store import Scene, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class SceneViewDataset(Dataset):
                  max_regions: int = 32, min_region_points: int = 5) -> None:
         if mode not in ("train", "eval"):
             raise InputError(f"dataset mode must be 'train' or 'eval', got {mode!r}")
-        self.store_path = Path(store_path)
+        self.store_path = as_path(store_path)  # a local path or a bucket URL (storage.objects)
         self.benchmark = get_benchmark(benchmark)
         self.split, self.mode = split, mode
         self.voxel_size, self.loop, self.seed = float(voxel_size), int(loop), int(seed)

@@ -123,10 +123,14 @@ def _obstore(location: StoreLocation):
 
     prefix = location.path or None
     if location.scheme == "s3":
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-        # plain HTTP only when the environment points at an http:// endpoint (a local S3 server)
-        client = {"allow_http": True} if endpoint.startswith("http://") else None
-        return S3Store(location.bucket, prefix=prefix, client_options=client)
+        return S3Store(location.bucket, prefix=prefix, client_options=s3_client_options())
     if location.scheme == "gs":
         return GCSStore(location.bucket, prefix=prefix)
     return AzureStore(location.bucket, prefix=prefix)
+
+
+def s3_client_options() -> dict[str, bool] | None:
+    """obstore client options for S3: plain HTTP only when the environment's endpoint is http://
+    (an S3-compatible server on a private network or 127.0.0.1)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    return {"allow_http": True} if endpoint.startswith("http://") else None

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +29,7 @@ import zarr
 
 from storage.errors import InputError
 from storage.lease import STALE_AFTER_S, Lease, LeaseHeldError, LeaseLostError, put_bytes
+from storage.objects import AnyPath, as_path, is_object_path, link_or_copy, listdir, open_group, remove_tree
 from storage.regions import RegionCaptions
 from storage.schema import (
     ARRAYS,
@@ -59,7 +57,7 @@ class StoreWriteError(RuntimeError):
     """Writing a scene failed (e.g. disk full); the partial scene was removed."""
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: AnyPath) -> dict[str, Any] | None:
     """A JSON object file; None when missing or unreadable (a scene being written)."""
     try:
         data = json.loads(path.read_bytes())
@@ -68,7 +66,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _read_root_meta(path: Path) -> dict[str, Any] | None:
+def _read_root_meta(path: AnyPath) -> dict[str, Any] | None:
     meta = path / "zarr.json"
     if not meta.is_file():
         return None
@@ -78,7 +76,7 @@ def _read_root_meta(path: Path) -> dict[str, Any] | None:
         raise InputError(f"{meta}: unreadable store metadata ({error})") from error
 
 
-def _check_root(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def _check_root(path: AnyPath, meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get("node_type") != "group" or meta.get("zarr_format") != 3:
         raise InputError(f"{path}: not a Zarr v3 group")
     attrs = meta.get("attributes", {})
@@ -101,20 +99,20 @@ def _normalize(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
-def _scene_attrs(scene_dir: Path) -> dict[str, Any] | None:
+def _scene_attrs(scene_dir: AnyPath) -> dict[str, Any] | None:
     meta = _read_json(scene_dir / "zarr.json")
     return None if meta is None else meta.get("attributes", {})
 
 
-def _complete(scene_dir: Path) -> bool:
+def _complete(scene_dir: AnyPath) -> bool:
     return bool((_scene_attrs(scene_dir) or {}).get("complete"))
 
 
-def _remove_tree(path: Path) -> None:
+def _remove_tree(path: AnyPath) -> None:
     """Delete a scene group, its ``zarr.json`` first (a half-deleted group never looks complete)."""
     if path.is_dir():
         (path / "zarr.json").unlink(missing_ok=True)
-        shutil.rmtree(path)
+        remove_tree(path)
     elif path.exists():
         path.unlink()
 
@@ -141,7 +139,7 @@ def _leftover_scene(name: str) -> str | None:
 class Scene:
     """One complete scene of a store; arrays are lazy zarr arrays (``scene['points/xyz']``)."""
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
+    def __init__(self, path: AnyPath, group: zarr.Group) -> None:
         self.path = path
         self.group = group
         self.id = path.name
@@ -198,16 +196,16 @@ class Scene:
 class Store:
     """A store opened for reading (and, for preprocessing, for adding scenes)."""
 
-    def __init__(self, path: Path, attrs: dict[str, Any], writable: bool) -> None:
+    def __init__(self, path: AnyPath, attrs: dict[str, Any], writable: bool) -> None:
         self.path = path
         self.attrs = attrs
         self.writable = writable
 
     @property
-    def scenes_dir(self) -> Path:
+    def scenes_dir(self) -> AnyPath:
         return self.path / "scenes"
 
-    def claim_path(self, scene_id: str) -> Path:
+    def claim_path(self, scene_id: str) -> AnyPath:
         return self.scenes_dir / f"{CLAIM_PREFIX}{scene_id}"
 
     def is_complete(self, scene_id: str) -> bool:
@@ -250,7 +248,7 @@ class Store:
         if not self.scenes_dir.is_dir():
             return []
         ids = []
-        for name in sorted(os.listdir(self.scenes_dir)):
+        for name in sorted(listdir(self.scenes_dir)):
             if name.startswith(".") or name == "zarr.json":
                 continue
             attrs = _scene_attrs(self.scenes_dir / name) or {}
@@ -262,7 +260,7 @@ class Store:
         if not self.is_complete(scene_id):
             raise InputError(f"{self.path}: no complete scene {scene_id!r}")
         path = self.scenes_dir / scene_id
-        return Scene(path, zarr.open_group(str(path), mode="r"))
+        return Scene(path, open_group(path, mode="r"))
 
     @contextlib.contextmanager
     def claim(self, scene_id: str, purpose: str) -> Iterator[Lease]:
@@ -291,7 +289,7 @@ class Store:
             if regions.clip.shape[1] != int(self.attrs.get("text_dim") or 0):
                 raise InputError(f"{self.path}: region embeddings are {regions.clip.shape[1]}-d, the "
                                  f"store's text space is {self.attrs.get('text_dim')}-d")
-            group = zarr.open_group(str(scene.path), mode="r+")
+            group = open_group(scene.path, mode="r+")
             attrs = dict(group.attrs)
             attrs.pop("region_captions", None)
             group.attrs.put(attrs)  # invalidate first: never an old attr over new arrays
@@ -339,7 +337,7 @@ class Store:
             done.append(f"removed unfinished scene {scene_id}")
         return done
 
-    def _swap_in(self, scene_id: str, source: Path) -> None:
+    def _swap_in(self, scene_id: str, source: AnyPath) -> None:
         """Replace ``scenes/<id>`` by the complete group ``source``; safe to redo after a crash.
 
         The old copy is invalidated (marker removed) and emptied, the files of ``source`` are
@@ -357,14 +355,12 @@ class Store:
                 _remove_tree(child)
         for src in sorted(source.rglob("*")):
             rel = src.relative_to(source)
-            if src.is_dir() or str(rel) == "zarr.json" or src.name.endswith(PARTIAL_SUFFIX):
+            if str(rel) == "zarr.json" or src.name.endswith(PARTIAL_SUFFIX) or \
+                    (not is_object_path(src) and src.is_dir()):  # rglob lists objects only in a bucket
                 continue
             dst = final / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, dst)
-            except OSError:  # no hard links on this file system: copy the bytes
-                shutil.copyfile(src, dst)
+            link_or_copy(src, dst)
         put_bytes(final / "zarr.json", meta)
         _remove_tree(source)
 
@@ -374,10 +370,10 @@ def _check_scene_id(scene_id: str) -> None:
         raise InputError(f"invalid scene id {scene_id!r}")
 
 
-def _only_create_leftovers(path: Path) -> bool:
+def _only_create_leftovers(path: AnyPath) -> bool:
     """True when ``path`` holds nothing but what ``create_store`` and ``store_lock`` write."""
-    def names(d: Path) -> set[str]:
-        return {n for n in os.listdir(d) if not n.endswith(PARTIAL_SUFFIX)}
+    def names(d: AnyPath) -> set[str]:
+        return {n for n in listdir(d) if not n.endswith(PARTIAL_SUFFIX)}
 
     top = names(path) - {LOCK_NAME, LOCK_NAME + ".break"}
     if not top <= {"zarr.json", "scenes"}:
@@ -386,7 +382,7 @@ def _only_create_leftovers(path: Path) -> bool:
     return not scenes.exists() or (scenes.is_dir() and names(scenes) <= {"zarr.json"})
 
 
-def _root_state(path: Path) -> str:
+def _root_state(path: AnyPath) -> str:
     """What is at a store path: ``missing`` (nothing, or an empty directory), ``partial`` (left by
     a killed ``create_store``: no complete root metadata, nothing else) or ``store``.
 
@@ -395,7 +391,7 @@ def _root_state(path: Path) -> str:
     """
     if path.is_file():
         raise InputError(f"{path}: is a file, not a Zarr store directory")
-    if not path.is_dir() or not any(not n.endswith(PARTIAL_SUFFIX) for n in os.listdir(path)):
+    if not path.is_dir() or not any(not n.endswith(PARTIAL_SUFFIX) for n in listdir(path)):
         return MISSING
     leftovers = _only_create_leftovers(path)
     if (path / "zarr.json").is_file():
@@ -409,13 +405,13 @@ def _root_state(path: Path) -> str:
         raise InputError(f"{path}/zarr.json: store metadata unreadable or without schema_version, and the "
                          "directory holds more than an interrupted create leaves; not touching it")
     if leftovers:
-        return "partial" if set(os.listdir(path)) - {LOCK_NAME, LOCK_NAME + ".break"} else MISSING
+        return "partial" if set(listdir(path)) - {LOCK_NAME, LOCK_NAME + ".break"} else MISSING
     raise InputError(f"{path}: directory exists and is not a Zarr store; refusing to write into it")
 
 
-def open_store(path: str | Path, mode: str = "r") -> Store:
+def open_store(path: str | AnyPath, mode: str = "r") -> Store:
     """Open an existing store; ``mode='r+'`` to add scenes. Refuses other schema versions."""
-    path = Path(path)
+    path = as_path(path)
     if path.is_file():
         raise InputError(f"{path}: is a file, not a Zarr store directory")
     if path.is_dir() and _only_create_leftovers(path) and \
@@ -431,7 +427,7 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
     return Store(path, attrs, writable=mode != "r")
 
 
-def create_store(path: str | Path, dataset: str, text_encoder: str | None, text_dim: int) -> Store:
+def create_store(path: str | AnyPath, dataset: str, text_encoder: str | None, text_dim: int) -> Store:
     """Create a store, or open an existing compatible one for adding scenes.
 
     The root metadata is written complete in one write, after ``scenes/``: a killed create leaves
@@ -439,7 +435,7 @@ def create_store(path: str | Path, dataset: str, text_encoder: str | None, text_
     directory that is not a store, a store of another schema version, and a store of another
     dataset or text encoder (its embeddings would not match).
     """
-    path = Path(path)
+    path = as_path(path)
     state = _root_state(path)
     if state == "store":
         attrs = _check_root(path, _read_root_meta(path) or {})
@@ -455,7 +451,7 @@ def create_store(path: str | Path, dataset: str, text_encoder: str | None, text_
              "text_encoder": text_encoder, "text_dim": int(text_dim)}
     try:
         for folder in (path, path / "scenes"):  # temporaries of the killed create
-            for name in os.listdir(folder) if folder.is_dir() else []:
+            for name in listdir(folder) if folder.is_dir() else []:
                 if name.endswith(PARTIAL_SUFFIX):
                     (folder / name).unlink(missing_ok=True)
         put_bytes(path / "scenes" / "zarr.json", _group_meta({}))
@@ -466,7 +462,7 @@ def create_store(path: str | Path, dataset: str, text_encoder: str | None, text_
 
 
 @contextlib.contextmanager
-def store_lock(path: str | Path, purpose: str, wait_s: float = 0.0) -> Iterator[Lease]:
+def store_lock(path: str | AnyPath, purpose: str, wait_s: float = 0.0) -> Iterator[Lease]:
     """Hold the store's writer lock (``<store>/.writer.lock``) for a run that writes scenes.
 
     A second run waits up to ``wait_s`` seconds, then fails with ``LeaseHeldError`` (an
@@ -474,7 +470,7 @@ def store_lock(path: str | Path, purpose: str, wait_s: float = 0.0) -> Iterator[
     whose owner is gone is taken over. The path is checked first (no lock is put into a file's
     place or a foreign directory); a directory made only for the lock is removed again.
     """
-    path = Path(path)
+    path = as_path(path)
     made = _root_state(path) == MISSING and not path.exists()
     lease = Lease(path / LOCK_NAME, purpose)
     try:
@@ -506,7 +502,7 @@ def recover_store(store: Store, stale_partial_s: float = STALE_AFTER_S) -> list[
         return done
     ids: set[str] = set()
     now = time.time()
-    for name in os.listdir(store.scenes_dir):
+    for name in listdir(store.scenes_dir):
         path = store.scenes_dir / name
         if name.endswith(PARTIAL_SUFFIX):
             with contextlib.suppress(OSError):
@@ -589,7 +585,7 @@ class SceneWriter:
             self.replacing = _complete(self.final)
             if self.replacing:
                 self.target = self.store.scenes_dir / f"{NEW_PREFIX}{self.scene_id}"
-            self.group = zarr.open_group(str(self.target), mode="w")
+            self.group = open_group(self.target, mode="w")
         except OSError as error:
             self.claim.release()
             raise StoreWriteError(f"{self.target}: cannot start writing scene {self.scene_id} ({error})") \
@@ -673,7 +669,7 @@ class SceneWriter:
                 array.resize((n, *array.shape[1:]))
         return n
 
-    def commit(self, attrs: dict[str, Any]) -> Path:
+    def commit(self, attrs: dict[str, Any]) -> AnyPath:
         """Record the attrs with the fingerprint and the completion marker (one write, after every
         array); when replacing, swap the new copy in. Fails if the claim was lost meanwhile."""
         try:

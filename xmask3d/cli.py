@@ -130,7 +130,7 @@ def download_s3dis(
 @user_errors
 def preprocess_scannet(
     raw: Annotated[Path, typer.Option(help="raw ScanNet directory (with scans/)")],
-    out: Annotated[Path, typer.Option(help="output store, e.g. data/scannet.zarr")],
+    out: Annotated[str, typer.Option(help="output store: a path (data/scannet.zarr) or an s3:// URL")],
     frame_step: int = 20,
     captions: Annotated[str | None, typer.Option(
         help="caption JSON (default RAW/captions.json if present), or 'none'")] = None,
@@ -168,7 +168,7 @@ def preprocess_scannet(
 @user_errors
 def preprocess_s3dis(
     raw: Annotated[Path, typer.Option(help="raw S3DIS directory")],
-    out: Annotated[Path, typer.Option(help="output store")],
+    out: Annotated[str, typer.Option(help="output store: a path or s3:// gs:// az:// URL")],
     workers: Annotated[int | None, typer.Option(help="local Dask worker processes")] = None,
     overwrite: bool = False,
     dask_address: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler")] = None,
@@ -203,7 +203,7 @@ def preprocess_s3dis(
 @app.command("import-captions")
 @user_errors
 def import_captions(
-    store: Annotated[Path, typer.Option(help="existing store; its complete scenes get region captions")],
+    store: Annotated[str, typer.Option(help="existing store (path or URL); its scenes get region captions")],
     fmt: Annotated[str, typer.Option("--format", help="regionplc | pla (view or entity files)")],
     captions: Annotated[Path, typer.Option(help="caption JSON {scene: {name: caption}}")],
     index: Annotated[Path, typer.Option(help="point-index pickle (RegionPLC list or PLA dict form)")],
@@ -221,7 +221,7 @@ def import_captions(
 @app.command()
 @user_errors
 def train(
-    store: Annotated[Path, typer.Option(help="preprocessed store")],
+    store: Annotated[str, typer.Option(help="preprocessed store: a path or s3:// gs:// az:// URL")],
     benchmark: Annotated[str, typer.Option(help="e.g. scannet20-b15n4")],
     preset: Annotated[str, typer.Option(help="tiny|small|paper")] = "tiny",
     resume: Annotated[str | None, typer.Option(help="run id or checkpoint to resume")] = None,
@@ -269,7 +269,7 @@ def train(
 @app.command()
 @user_errors
 def evaluate(
-    store: Annotated[Path, typer.Option(help="preprocessed store")],
+    store: Annotated[str, typer.Option(help="preprocessed store: a path or s3:// gs:// az:// URL")],
     benchmark: Annotated[str, typer.Option(help="e.g. scannet20-b15n4")],
     model: Annotated[str, typer.Option(help="models:/xmask3d-NAME@champion, a run id or a checkpoint")],
     max_views: Annotated[int, typer.Option(help="views per scene (0 = all, the official protocol)")] = 0,
@@ -289,7 +289,7 @@ def evaluate(
 def ablate(
     benchmark: Annotated[str, typer.Option(help="e.g. scannet20-b15n4")],
     preset: Annotated[str, typer.Option(help="tiny|small|paper")] = "tiny",
-    store: Annotated[Path, typer.Option(help="preprocessed store")] = Path("data/scannet.zarr"),
+    store: Annotated[str, typer.Option(help="preprocessed store: a path or URL")] = "data/scannet.zarr",
     variants: Annotated[str | None, typer.Option(
         help="comma-separated: full, no-implicit-condition, no-mask-regularization, no-fusion, "
              "no-binary-head, no-caption-losses, or several joined by '+' (default: full and each alone)")
@@ -329,7 +329,7 @@ def render(
     run: Annotated[str, typer.Option(help="MLflow run id, models:/NAME@alias or a checkpoint")],
     scene: Annotated[str, typer.Option(help="scene id in the store")],
     out: Annotated[Path, typer.Option(help="output directory")] = Path("panels"),
-    store: Annotated[Path | None, typer.Option(help="store (default: the run's training store)")] = None,
+    store: Annotated[str | None, typer.Option(help="store path or URL (default: the run's store)")] = None,
     views: Annotated[int, typer.Option(help="views per scene")] = 3,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default $MLFLOW_TRACKING_URI)")
                             ] = None,

@@ -24,6 +24,7 @@ import numpy as np
 from storage.benchmarks import Benchmark, get_benchmark
 from storage.dataset import scene_labels
 from storage.errors import InputError
+from storage.objects import as_path
 from storage.store import open_store
 from xmask3d.engine import plots, tracking
 from xmask3d.engine.metrics import (
@@ -119,7 +120,7 @@ def evaluate_loaded(loaded: LoadedModel, store_path: Path, benchmark: str, max_v
     gts, examples = [], []
     panels: dict[str, bytes] = {}
     panel_ids: list[str] = []
-    for pred in predict_scenes(loaded, Path(store_path), bench, scene_ids, max_views):
+    for pred in predict_scenes(loaded, as_path(store_path), bench, scene_ids, max_views):
         scene = store.scene(pred.scene_id)
         gt = scene_labels(scene, bench).astype(np.int64)
         gts.append(gt)
@@ -140,7 +141,7 @@ def evaluate_loaded(loaded: LoadedModel, store_path: Path, benchmark: str, max_v
         if len(examples) < ply_scenes:
             examples.append({"scene_id": pred.scene_id, "xyz": xyz, "gt": gt,
                              "pred": pred.heads["fused"]})
-    train_labels, _ = train_majority_class(Path(store_path), bench)
+    train_labels, _ = train_majority_class(as_path(store_path), bench)
     majority, baseline = majority_class_baseline(train_labels, gts, T)
     metrics: dict[str, float] = {}
     ious = {h: a.iou() for h, a in acc.items()}
@@ -200,14 +201,14 @@ def evaluate(store_path: Path, benchmark: str, model: str, tracking_uri: str | N
         loaded = load_model_for_inference(checkpoint)
     if loaded.benchmark != bench.name:
         raise InputError(f"{model}: model was trained on {loaded.benchmark}, not {bench.name}")
-    evaluation = evaluate_loaded(loaded, Path(store_path), bench.name, max_views=max_views,
+    evaluation = evaluate_loaded(loaded, as_path(store_path), bench.name, max_views=max_views,
                                  ply_scenes=ply_scenes)
     if log:
         tags = {"mlflow.parentRunId": train_run or loaded.run_id or "", "model": model, "kind": "evaluation"}
         run = tracking.RunTracker(tracking_uri, bench.name, run_name=f"evaluate-{bench.name}",
                                   tags={k: v for k, v in tags.items() if v})
         try:
-            run.log_params({"model": model, "store": str(Path(store_path).resolve()),
+            run.log_params({"model": model, "store": str(as_path(store_path).resolve()),
                             "protocol": evaluation_protocol(bench, max_views, loaded.encoder.name)})
             log_evaluation(run, evaluation)
         except BaseException:

@@ -33,6 +33,7 @@ from preprocessing.text import build_text_encoder
 from storage.benchmarks import Benchmark, get_benchmark
 from storage.dataset import SceneViewDataset, collate_scenes
 from storage.errors import InputError
+from storage.objects import as_path
 from storage.store import open_store
 from xmask3d.engine.checkpoint import load_checkpoint, load_model_state, pretrained_prefixes
 from xmask3d.network.config import model_config_from_dict
@@ -257,4 +258,4 @@ def predict_scene(loaded: LoadedModel, store_path: Path, scene_id: str, benchmar
     store = open_store(store_path)
     if scene_id not in store.scene_ids():
         raise InputError(f"{store_path}: no scene {scene_id!r}")
-    return next(predict_scenes(loaded, Path(store_path), bench, [scene_id], show_progress=False))
+    return next(predict_scenes(loaded, as_path(store_path), bench, [scene_id], show_progress=False))

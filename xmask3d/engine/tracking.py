@@ -33,6 +33,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from storage.errors import InputError
+from storage.objects import as_path
 from xmask3d.engine.checkpoint import LAST_NAME
 from xmask3d.engine.predict import load_model_for_inference, predict_scene
 
@@ -214,7 +215,7 @@ class XMask3DPyfunc(mlflow.pyfunc.PythonModel):
         frames = []
         for row in model_input.to_dict("records"):
             benchmark = row.get("benchmark") or self.loaded.benchmark
-            result = predict_scene(self.loaded, Path(row["store_path"]), str(row["scene_id"]), benchmark)
+            result = predict_scene(self.loaded, as_path(row["store_path"]), str(row["scene_id"]), benchmark)
             frames.append(pd.DataFrame({
                 "scene_id": row["scene_id"],
                 "point_index": range(len(result.labels)),

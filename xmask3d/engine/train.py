@@ -40,6 +40,7 @@ from preprocessing.text import build_text_encoder
 from storage.benchmarks import get_benchmark
 from storage.dataset import SceneViewDataset, collate_scenes
 from storage.errors import InputError
+from storage.objects import as_path
 from storage.store import open_store
 from xmask3d.engine import tracking
 from xmask3d.engine.checkpoint import (
@@ -510,7 +511,7 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
     ``loss_overrides`` sets other ``LossConfig`` fields (e.g. ``{"region_pooling": "mean"}``).
     """
 
-    store_path = Path(store_path)
+    store_path = as_path(store_path)
     bench = get_benchmark(benchmark)
     cfg = cfg or train_preset(preset)
     if cfg.preset != preset:
