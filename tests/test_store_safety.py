@@ -50,8 +50,8 @@ from preprocessing.pipeline import PreprocessConfig, preprocess_scannet_scene
 raw, store, scene, ready, go = sys.argv[1:6]
 if ready != "-":
     added = SceneWriter.add_frame
-    def add_then_wait(self, color, depth):
-        added(self, color, depth)
+    def add_then_wait(self, *frame):
+        added(self, *frame)
         if self._frames["count"] == 3:
             self._flush_frames()
             pause(ready, go)
@@ -225,7 +225,7 @@ def rmtree(target, *a, **k):
     if point == "cleanup" and calls["put"] == 2 and os.path.basename(target).startswith(st.NEW_PREFIX):
         die()
     real_rmtree(target, *a, **k)
-st.put_bytes, st.os.link, st.shutil.rmtree = put, link, rmtree
+st.put_bytes, os.link, shutil.rmtree = put, link, rmtree  # module-wide: storage.objects calls them
 """
 SWAP_SCRIPT = SWAP_HOOKS + """
 from storage.store import open_store
