@@ -182,6 +182,44 @@ def throughput(dataset, batch_size: int, workers: int, batches: int, seed: int =
     return samples / (time.perf_counter() - start)
 
 
+def bucket_vs_local(base: Path, args: argparse.Namespace) -> None:
+    """SceneViewDataset samples/s on ``base`` and on the same store uploaded into a bucket."""
+    import os
+
+    import boto3
+
+    from tests.servers import s3_environment, start_moto, stop
+
+    proc = None
+    if args.bucket_name is None:
+        proc, endpoint = start_moto(args.work / "moto.log")
+        os.environ.update(s3_environment(endpoint, args.work))
+        args.bucket_name = "xmask3d-bench-loader"
+        boto3.client("s3").create_bucket(Bucket=args.bucket_name)
+    try:
+        client = boto3.client("s3")
+        prefix = f"bench-loader/{base.stem}.zarr"
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.startswith(".writer.lock"):
+                key = f"{prefix}/{path.relative_to(base).as_posix()}"
+                client.upload_file(str(path), args.bucket_name, key)
+        url = f"s3://{args.bucket_name}/{prefix}"
+        print(f"load before: {load()}")
+        rates = {}
+        for name, where in (("local", base), ("bucket", url)):
+            ds = SceneViewDataset(where, args.benchmark, split="train", mode="train", loop=4, seed=0)
+            rates[name] = throughput(ds, args.batch_size, args.workers, args.batches)
+        print(f"load after:  {load()}")
+        print(f"store {base} ({len(ds.scene_ids)} train scenes), batch {args.batch_size}, "
+              f"{args.workers} loader workers")
+        print(f"SceneViewDataset, local store     {rates['local']:8.1f} samples/s")
+        print(f"SceneViewDataset, {url}  {rates['bucket']:8.1f} samples/s")
+        print(f"bucket / local {rates['bucket'] / rates['local']:.2f}")
+    finally:
+        if proc is not None:
+            stop(proc)
+
+
 def load() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -195,9 +233,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--bucket", action="store_true",
+                    help="instead: the base store local vs copied into a bucket (moto on 127.0.0.1, or "
+                         "the environment's S3 with --bucket-name)")
+    ap.add_argument("--bucket-name", help="an existing bucket of the environment's S3 endpoint")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     base = (args.store or build_store(args.work)).resolve()
+    if args.bucket:
+        bucket_vs_local(base, args)
+        return
     name = f"{base.parent.name}-{base.stem}-x{args.scenes}.zarr"
     store = replicate_store(base, args.work / name, args.scenes)
     ds = SceneViewDataset(store, args.benchmark, split="train", mode="train", loop=4, seed=0)
