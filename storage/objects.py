@@ -29,6 +29,13 @@ import zarr.storage
 from storage.location import StoreLocation, parse_location, s3_client_options
 
 
+def _obstore() -> Any:
+    """The obstore module: the optional extra ``s3``, imported on the first use of a bucket."""
+    import obstore  # optional extra `s3`: only stores in buckets need it
+
+    return obstore
+
+
 @functools.lru_cache(maxsize=32)
 def _bucket_store(scheme: str, bucket: str, environment: str) -> Any:
     """One obstore client per bucket and environment (cached: it holds a connection pool)."""
@@ -115,8 +122,7 @@ class ObjectPath:
         return _bucket_store(self.scheme, self.bucket, _environment())
 
     def _head(self) -> dict[str, Any] | None:
-        import obstore
-
+        obstore = _obstore()
         if not self.key:
             return None
         try:
@@ -128,8 +134,7 @@ class ObjectPath:
         return self._head() is not None
 
     def is_dir(self) -> bool:
-        import obstore
-
+        obstore = _obstore()
         prefix = self.key + "/" if self.key else ""
         for batch in obstore.list(self._store, prefix, chunk_size=1):
             return len(batch) > 0
@@ -145,8 +150,7 @@ class ObjectPath:
         return _Stat(head["last_modified"].timestamp(), int(head["size"]))
 
     def read_bytes(self) -> bytes:
-        import obstore
-
+        obstore = _obstore()
         try:
             return bytes(obstore.get(self._store, self.key).bytes())
         except FileNotFoundError as error:
@@ -157,14 +161,13 @@ class ObjectPath:
 
     def write_bytes(self, data: bytes) -> None:
         """One whole-object PUT: readers see the old object or the new one, never a part."""
-        import obstore
-
+        obstore = _obstore()
         obstore.put(self._store, self.key, data)
 
     def create(self, data: bytes) -> bool:
         """Create the object only if there is none (conditional PUT); -> False when it exists."""
-        import obstore
-        from obstore.exceptions import AlreadyExistsError, PreconditionError
+        obstore = _obstore()
+        from obstore.exceptions import AlreadyExistsError, PreconditionError  # optional extra `s3`
 
         try:
             obstore.put(self._store, self.key, data, mode="create")
@@ -173,8 +176,7 @@ class ObjectPath:
         return True
 
     def unlink(self, missing_ok: bool = False) -> None:
-        import obstore
-
+        obstore = _obstore()
         if not missing_ok and not self.is_file():
             raise FileNotFoundError(str(self))
         obstore.delete(self._store, self.key)
@@ -189,8 +191,7 @@ class ObjectPath:
 
     def iterdir(self) -> Iterator[ObjectPath]:
         """The next level below this prefix: objects and sub-prefixes."""
-        import obstore
-
+        obstore = _obstore()
         prefix = self.key + "/" if self.key else None
         listing = obstore.list_with_delimiter(self._store, prefix)
         names = {p.rstrip("/").rsplit("/", 1)[-1] for p in listing["common_prefixes"]}
@@ -204,8 +205,7 @@ class ObjectPath:
 
     def rglob(self, pattern: str) -> Iterator[ObjectPath]:
         """Every object below this prefix whose name matches ``pattern`` (objects only)."""
-        import obstore
-
+        obstore = _obstore()
         prefix = self.key + "/" if self.key else ""
         for batch in obstore.list(self._store, prefix):
             for meta in batch:
@@ -215,8 +215,7 @@ class ObjectPath:
 
     def remove_tree(self) -> None:
         """Delete every object below this prefix (and the object itself)."""
-        import obstore
-
+        obstore = _obstore()
         keys = [o.key for o in self.rglob("*")]
         if keys:
             obstore.delete(self._store, keys)
@@ -225,8 +224,7 @@ class ObjectPath:
 
     def copy_to(self, target: ObjectPath) -> None:
         """Server-side copy of this object to ``target`` (same bucket)."""
-        import obstore
-
+        obstore = _obstore()
         obstore.copy(self._store, self.key, target.key)
 
     def zarr_store(self, read_only: bool = False) -> zarr.storage.ObjectStore:

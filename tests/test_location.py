@@ -74,3 +74,32 @@ def test_store_objects_do_not_show_the_secret(s3_bucket, monkeypatch, backend):
     store = StoreLocation("s3", s3_bucket.name, "x.zarr").zarr_store(backend=backend)
     zarr.open_group(store, mode="w")  # moto accepts any key pair: the store did authenticate
     assert "hunter2" not in repr(store) and "hunter2" not in str(store)
+
+
+def test_object_paths_on_s3(s3_bucket):
+    """The pathlib slice the store protocol relies on, against the real S3 API."""
+    import pickle
+
+    from storage.objects import ObjectPath, as_path, listdir, remove_tree
+
+    root = as_path(s3_bucket.url("st.zarr"))
+    assert isinstance(root, ObjectPath) and not root.exists() and listdir(root) == []
+    (root / "scenes" / "a" / "zarr.json").write_bytes(b"{}")
+    (root / "scenes" / "a" / "x" / "c" / "0").write_bytes(b"123")
+    (root / "scenes" / ".claim-a").write_bytes(b"owner")
+    scenes = root / "scenes"
+    assert scenes.is_dir() and not scenes.is_file() and (scenes / ".claim-a").is_file()
+    assert listdir(scenes) == [".claim-a", "a"]  # objects and prefixes of the next level only
+    assert [p.name for p in scenes.glob(".claim-*")] == [".claim-a"]
+    below = sorted(str(p.relative_to(scenes / "a")) for p in (scenes / "a").rglob("*"))
+    assert below == ["x/c/0", "zarr.json"]
+    assert (scenes / "lock").create(b"first") and not (scenes / "lock").create(b"second")
+    assert (scenes / "lock").read_bytes() == b"first"  # the conditional PUT kept the first writer's
+    (scenes / "a" / "x" / "c" / "0").copy_to(scenes / "b" / "c" / "0")
+    assert (scenes / "b" / "c" / "0").read_bytes() == b"123"
+    with pytest.raises(FileNotFoundError):
+        (scenes / "missing").read_bytes()
+    remove_tree(scenes / "a")
+    assert not (scenes / "a").exists() and (scenes / "b").is_dir()
+    assert pickle.loads(pickle.dumps(root)) == root  # to Dask workers: scheme, bucket and key only
+    assert b"secret" not in pickle.dumps(root)
