@@ -251,10 +251,35 @@ def is_object_path(path: object) -> bool:
     return isinstance(path, ObjectPath)
 
 
+READ_CACHE_ENV = "XMASK3D_STORE_CACHE_MB"  # per-process read cache of bucket stores (0 = off)
+READ_CACHE_MB = 1024
+
+
+@functools.lru_cache(maxsize=32)
+def _read_cache(scheme: str, bucket: str, environment: str, max_mb: int) -> Any:
+    """One in-memory LRU cache per process and bucket over zarr's reads (chunks, shard ranges)."""
+    from zarr.experimental.cache_store import CacheStore  # experimental zarr API: only bucket readers
+
+    source = zarr.storage.ObjectStore(_bucket_store(scheme, bucket, environment), read_only=True)
+    return CacheStore(source, cache_store=zarr.storage.MemoryStore(), max_size=max_mb << 20,
+                      cache_set_data=False)
+
+
 def open_group(path: AnyPath, mode: str = "r") -> zarr.Group:
-    """``zarr.open_group`` on a local directory or a bucket prefix."""
+    """``zarr.open_group`` on a local directory or a bucket prefix.
+
+    Read-only groups in a bucket go through a per-process LRU cache in memory (``XMASK3D_STORE_CACHE_MB``,
+    default 1024; 0 turns it off), so training epochs after the first read views from memory, not
+    the bucket. It relies on what readers rely on anyway: a complete scene does not change while it
+    is read (replacing a scene while a training run reads it is not supported).
+    """
     if isinstance(path, ObjectPath):
-        return zarr.open_group(path.zarr_store(read_only=mode == "r"), path=path.key, mode=mode)
+        max_mb = int(os.environ.get(READ_CACHE_ENV, READ_CACHE_MB))
+        if mode == "r" and max_mb > 0:
+            store = _read_cache(path.scheme, path.bucket, _environment(), max_mb)
+        else:
+            store = path.zarr_store(read_only=mode == "r")
+        return zarr.open_group(store, path=path.key, mode=mode)
     return zarr.open_group(str(path), mode=mode)
 
 

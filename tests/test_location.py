@@ -103,3 +103,18 @@ def test_object_paths_on_s3(s3_bucket):
     assert not (scenes / "a").exists() and (scenes / "b").is_dir()
     assert pickle.loads(pickle.dumps(root)) == root  # to Dask workers: scheme, bucket and key only
     assert b"secret" not in pickle.dumps(root)
+
+
+def test_bucket_reads_are_cached_in_memory_per_process(s3_bucket, monkeypatch):
+    from storage.objects import as_path, open_group
+
+    path = as_path(s3_bucket.url("c.zarr"))
+    data = np.arange(600, dtype=np.int32).reshape(200, 3)
+    open_group(path, mode="w").create_array("a", shape=data.shape, chunks=(50, 3), dtype="int32")[...] = data
+    np.testing.assert_array_equal(open_group(path, mode="r")["a"][...], data)  # read once: cached
+    client = s3_bucket.client()
+    for key in s3_bucket.keys("c.zarr/a/c/"):
+        client.delete_object(Bucket=s3_bucket.name, Key=key)
+    np.testing.assert_array_equal(open_group(path, mode="r")["a"][...], data)  # served from memory
+    monkeypatch.setenv("XMASK3D_STORE_CACHE_MB", "0")
+    assert (open_group(path, mode="r")["a"][...] == 0).all()  # uncached: the bucket's chunks are gone
