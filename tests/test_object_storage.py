@@ -144,6 +144,93 @@ def test_store_urls_refuse_bad_input_with_one_line(s3_bucket):
 
 
 @pytest.fixture
+def dask_cluster(tmp_path):
+    """A real `dask scheduler` and two single-threaded `dask worker` processes (no nanny, so the
+    pid a scene claim records is the worker process the test started); stopped by pid."""
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs: dict[str, subprocess.Popen] = {}
+    logs = []
+    try:
+        log = open(tmp_path / "scheduler.log", "wb")  # noqa: SIM115 - closed in teardown
+        logs.append(log)
+        procs["scheduler"] = subprocess.Popen(
+            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        for i in range(2):
+            log = open(tmp_path / f"worker{i}.log", "wb")  # noqa: SIM115 - closed in teardown
+            logs.append(log)
+            procs[f"worker{i}"] = subprocess.Popen(
+                [str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
+                 "--name", f"worker{i}"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        with Client(address, timeout=120) as client:
+            client.wait_for_workers(2, timeout=180)
+        yield address, procs
+    finally:
+        for proc in procs.values():
+            stop(proc)
+        for log in logs:
+            log.close()
+
+
+@pytest.mark.slow
+def test_dask_workers_write_into_the_bucket_and_a_killed_worker_is_survived(
+        synthetic_scannet, synthetic_store, s3_bucket, dask_cluster):
+    """2 worker processes preprocess 2 scenes straight into s3://; one worker is SIGKILLed while
+    it writes its scene; no half scene is ever listed; the run (and a rerun) completes every scene
+    and the arrays equal the local run."""
+    from preprocessing.pipeline import run_preprocess
+    from storage.lease import read_owner
+
+    address, procs = dask_cluster
+    url = s3_bucket.url("dask.zarr")
+    raw = Path(synthetic_scannet)
+    worker_pids = {procs["worker0"].pid, procs["worker1"].pid}
+    import threading
+
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(
+        summaries=run_preprocess("scannet", raw, url, _config(raw), SCENES, dask_address=address)))
+    runner.start()
+    killed, listed = None, set()
+    deadline = time.monotonic() + 400
+    while runner.is_alive() and time.monotonic() < deadline:
+        keys = set(s3_bucket.keys("dask.zarr/scenes/"))
+        if killed is None:
+            for sid in SCENES:
+                claim = f"dask.zarr/scenes/.claim-{sid}"
+                if claim in keys and f"dask.zarr/scenes/{sid}/points/xyz/zarr.json" in keys:
+                    owner = read_owner(as_path(s3_bucket.url(claim)))
+                    if owner is not None and owner.pid in worker_pids:
+                        os.kill(owner.pid, signal.SIGKILL)  # a worker process this test started
+                        killed = (sid, owner.pid)
+                        break
+        if "dask.zarr/zarr.json" in keys:
+            store = open_store(url)
+            for sid in store.scene_ids():  # whatever is listed is whole
+                listed.add(sid)
+                _assert_same_scene(open_store(synthetic_store).scene(sid), store.scene(sid))
+        time.sleep(0.2)
+    runner.join(timeout=60)
+    assert killed is not None, "no worker was caught writing a scene"
+    statuses = {s.scene_id: s.status for s in result["summaries"]}
+    # the killed worker's task either moved to the other worker (written) or failed (KilledWorker)
+    assert set(statuses) == set(SCENES) and all(v in ("written", "failed") for v in statuses.values())
+    rerun = {s.scene_id: s.status for s in run_preprocess("scannet", raw, url, _config(raw), SCENES,
+                                                          dask_address=address)}
+    assert all(rerun[sid] == ("skipped" if statuses[sid] == "written" else "written") for sid in SCENES)
+    store = open_store(url)
+    assert store.scene_ids() == sorted(SCENES)
+    for sid in SCENES:
+        _assert_same_scene(open_store(synthetic_store).scene(sid), store.scene(sid))
+    assert not [k for k in s3_bucket.keys("dask.zarr/scenes/") if "/.claim-" in k or "/.new-" in k]
+
+
+@pytest.fixture
 def mlflow_s3_server(s3_bucket, tmp_path):
     """A real tracking server (SQLite backend) that stores artifacts in ``s3://<bucket>/mlartifacts``."""
     port = free_port()
