@@ -143,6 +143,25 @@ def test_store_urls_refuse_bad_input_with_one_line(s3_bucket):
     assert str(as_path(s3_bucket.url("a.zarr"))) == s3_bucket.url("a.zarr")
 
 
+@pytest.mark.slow
+def test_cli_preprocess_flow_writes_into_the_bucket(synthetic_scannet, synthetic_store, s3_bucket, tmp_path):
+    """`xmask3d preprocess scannet --out s3://...`: the Prefect flow on its local Dask cluster."""
+    url = s3_bucket.url("cli", "scannet.zarr")
+    done = subprocess.run([XMASK3D, "preprocess", "scannet", "--raw", str(synthetic_scannet), "--out", url,
+                           "--scenes", "scene0000_00", "--workers", "1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "1 written, 0 skipped, 0 failed" in done.stdout
+    store = open_store(url)
+    assert store.scene_ids() == ["scene0000_00"]
+    _assert_same_scene(open_store(synthetic_store).scene("scene0000_00"), store.scene("scene0000_00"))
+    bad = subprocess.run([XMASK3D, "preprocess", "scannet", "--raw", str(synthetic_scannet), "--out",
+                          f"s3://AKIAKEY:hunter2secret@{s3_bucket.name}/x.zarr"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert bad.returncode == 2 and "refused" in bad.stderr + bad.stdout
+    assert "hunter2secret" not in bad.stdout + bad.stderr
+
+
 @pytest.fixture
 def dask_cluster(tmp_path):
     """A real `dask scheduler` and two single-threaded `dask worker` processes (no nanny, so the

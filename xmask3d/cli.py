@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from storage.errors import InputError
+from storage.location import parse_location
 
 app = typer.Typer(help="XMask3D pipeline: synthetic data, download, preprocess, train, evaluate.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -155,7 +156,8 @@ def preprocess_scannet(
             raise InputError("--clip-model and --clip-checkpoint go together")
         text_encoder = f"openclip:{clip_model}:{clip_checkpoint}"
     ids = [s.strip() for s in scenes.split(",") if s.strip()] if scenes else None
-    summaries, ok = run_locally(dataset="scannet", raw_dir=str(raw), store=str(out), scenes=ids,
+    out = str(parse_location(out))  # a bad or credential-carrying URL never becomes a flow parameter
+    summaries, ok = run_locally(dataset="scannet", raw_dir=str(raw), store=out, scenes=ids,
                                 frame_step=frame_step, captions=captions, text_encoder=text_encoder,
                                 dask_address=dask_address, workers=workers, overwrite=overwrite,
                                 region_captions=region_captions)
@@ -192,7 +194,8 @@ def preprocess_s3dis(
         if skipped:
             text = ", ".join(f"{n} frames ({why})" for why, n in sorted(skipped.items()))
             typer.echo(f"views skipped: {text}")
-    summaries, ok = run_locally(dataset="s3dis", raw_dir=str(raw), store=str(out), dask_address=dask_address,
+    out = str(parse_location(out))  # a bad or credential-carrying URL never becomes a flow parameter
+    summaries, ok = run_locally(dataset="s3dis", raw_dir=str(raw), store=out, dask_address=dask_address,
                                 workers=workers, overwrite=overwrite, views=str(views) if views else None,
                                 captions=captions, text_encoder=text_encoder)
     typer.echo(format_summaries(summaries))
@@ -315,7 +318,7 @@ def ablate(
     check_store(store, get_benchmark(benchmark), need_val=True)
     from flows.ablate import ablate as ablate_flow  # heavy: loaded per command
 
-    result = ablate_flow(store=str(store), benchmark=benchmark, preset=preset, variants=names,
+    result = ablate_flow(store=str(parse_location(store)), benchmark=benchmark, preset=preset, variants=names,
                          train_config=overrides or None, tracking_uri=tracking_uri, max_views=max_views)
     from xmask3d.engine.ablate import table_markdown  # heavy: loaded per command
 
