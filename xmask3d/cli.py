@@ -238,23 +238,29 @@ def train(
     caption_supervision: Annotated[str | None, typer.Option(
         help="official (view captions, the paper) | region (region captions, contrastive) | "
              "official+region; default: the preset's (official)")] = None,
+    random_init: Annotated[bool, typer.Option(
+        "--random-init", help="paper: train even without the Stable Diffusion / CLIP weights (random "
+                              "frozen parts; tagged random_init on the MLflow run)")] = False,
 ) -> None:
     """Train XMask3D on one benchmark, tracked in MLflow."""
     import logging
     import os
 
+    from xmask3d.progress import quiet_library_noise
     from xmask3d.tracking import promote_if_better
     from xmask3d.train import train as run_training
     from xmask3d.train import train_preset
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet_library_noise()
     given = {"epochs": epochs, "max_steps": max_steps, "checkpoint_every": checkpoint_every,
              "checkpoint_dir": checkpoint_dir}
     overrides: dict = {k: v for k, v in given.items() if v is not None}
     overrides["evaluate"] = evaluate
     result = run_training(store, benchmark, preset, train_preset(preset, **overrides),
                           tracking_uri=tracking_uri, resume=resume, sd_dir=sd_dir,
-                          clip_checkpoint=clip_checkpoint, caption_supervision=caption_supervision)
+                          clip_checkpoint=clip_checkpoint, caption_supervision=caption_supervision,
+                          random_init=random_init)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports and promotes
         return
     if result.evaluation is not None:
@@ -276,11 +282,20 @@ def evaluate(
     max_views: Annotated[int, typer.Option(help="views per scene (0 = all, the official protocol)")] = 0,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default $MLFLOW_TRACKING_URI)")
                             ] = None,
+    random_init: Annotated[bool, typer.Option(
+        "--random-init", help="evaluate a paper model even with random Stable Diffusion / CLIP weights")
+    ] = False,
 ) -> None:
     """Evaluate a model: mIoU base / novel / hIoU for the 3D, 2D and fused heads."""
-    from xmask3d.evaluate import evaluate as run_evaluation
+    import logging
 
-    result = run_evaluation(store, benchmark, model, tracking_uri=tracking_uri, max_views=max_views)
+    from xmask3d.evaluate import evaluate as run_evaluation
+    from xmask3d.progress import quiet_library_noise
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet_library_noise()
+    result = run_evaluation(store, benchmark, model, tracking_uri=tracking_uri, max_views=max_views,
+                            random_init=random_init)
     typer.echo(result.table())
     typer.echo(f"MLflow run {result.run_id}")
 
@@ -305,11 +320,11 @@ def ablate(
     import logging
 
     from xmask3d.ablate import resolve_variants
+    from xmask3d.progress import quiet_library_noise
     from xmask3d.train import check_store, train_preset
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("mlflow", "sentence_transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_noise()
     names = resolve_variants(variants)  # bad names fail here, before Prefect starts
     overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
     train_preset(preset, **overrides)
@@ -358,14 +373,13 @@ def model_summary(preset: Annotated[str, typer.Option(help="tiny|small|paper")] 
 def demo(out: Annotated[Path, typer.Option(help="demo output directory")] = Path("demo_output")) -> None:
     """Synthetic data -> preprocess -> train (tiny) -> evaluate, on CPU."""
     import logging
-    import os
 
+    from xmask3d.progress import quiet_library_noise
+
+    quiet_library_noise()  # Dask workers too (environment), before distributed is imported
     from flows.demo import report, run_demo
 
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # also for the worker processes
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("distributed", "mlflow", "sentence_transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     typer.echo(report(run_demo(out)))
 
 

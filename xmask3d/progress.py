@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -116,3 +117,28 @@ class TrainProgress:
 def view_bar(total: int, desc: str, show: bool) -> Any:
     """A tqdm bar over evaluation views on a terminal; a disabled one elsewhere (no ``\\r`` in logs)."""
     return tqdm(total=total, desc=desc, unit="view", disable=not (show and is_tty()), leave=False)
+
+
+# Loggers whose INFO lines drown the pipeline's own (Dask's ~20 lines per cluster, MLflow's
+# database set-up, HTTP clients, the sentence-transformers loader).
+NOISY_LOGGERS = ("distributed", "mlflow", "alembic", "sentence_transformers", "httpx", "urllib3")
+
+
+def quiet_library_noise() -> None:
+    """Library chatter off by default: WARNING level for :data:`NOISY_LOGGERS`, Dask's
+    ``distributed`` logging at warning in worker processes too, and when stderr is no terminal,
+    no library progress bars (tqdm, Hugging Face, MLflow artifact transfers), so no ``\r`` in logs.
+
+    Environment variables are only set when the user has not set them (``DASK_LOGGING__DISTRIBUTED``,
+    ``MLFLOW_LOGGING_LEVEL``, ``TQDM_DISABLE``, ``HF_HUB_DISABLE_PROGRESS_BARS``,
+    ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``);
+    set them to get the chatter back. Called by the CLI and by the flow modules.
+    """
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+    if not is_tty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

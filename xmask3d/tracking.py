@@ -13,13 +13,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -223,6 +225,20 @@ class XMask3DPyfunc(mlflow.pyfunc.PythonModel):
         return pd.concat(frames, ignore_index=True)
 
 
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Raise the named loggers to ERROR for the block (expected, harmless warnings)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def register_model(tracking_uri: str | None, run_id: str, benchmark: str, checkpoint: Path,
                    hiou: float | None = None) -> str:
     """Log the pyfunc model in the run, register a new version, alias it `candidate`.
@@ -234,7 +250,9 @@ def register_model(tracking_uri: str | None, run_id: str, benchmark: str, checkp
     name = registered_model_name(benchmark)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _quiet("mlflow.pyfunc", "mlflow.models"):
+        # quiet: MLflow warns that the python_model object is pickled (it holds no state: the
+        # checkpoint is an artifact) and that no signature was inferred (inputs are free-form rows)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=XMask3DPyfunc(), artifacts={"checkpoint": str(checkpoint)},
             registered_model_name=name,
