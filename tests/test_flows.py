@@ -200,3 +200,31 @@ def test_retrain_trains_evaluates_and_promotes_only_a_better_model(prefect_api, 
     assert second["promoted"] == (better and not math.isnan(second["hiou"]))
     champion = str(client.get_model_version_by_alias("xmask3d-scannet20-b15n4", "champion").version)
     assert champion == ("2" if second["promoted"] else "1")
+
+
+@pytest.mark.slow
+def test_train_flow_progress_reaches_the_flow_run_logs(prefect_api, synthetic_store, tmp_path):
+    """Per-epoch progress and validation lines of training are in the flow run's Prefect logs
+    (what the UI shows), as plain lines without carriage returns."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.train import train as train_flow
+
+    # 2 training scenes x loop 2 / batch 2 = 2 steps = one epoch, validated after its last step
+    config = {"max_steps": 2, "loop": 2, "evaluate": False, "val_views": 2,
+              "checkpoint_dir": str(tmp_path / "ckpt")}
+    state = train_flow(store=str(synthetic_store), benchmark="scannet20-b15n4", preset="tiny",
+                       train_config=config, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                       promote_champion=False, return_state=True)
+    assert state.is_completed()
+    APILogHandler().flush()
+    run_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(run_filter)
+    messages = [entry.message for entry in logs]
+    epochs = [m for m in messages if m.startswith("epoch 1/6 step 2/2: mean loss")]
+    assert len(epochs) == 1 and "step/s" in epochs[0] and "ETA" in epochs[0]
+    assert any(m.startswith("validation at epoch 1 step 2 (2 views") for m in messages)
+    assert not any("\r" in m for m in messages)
