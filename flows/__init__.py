@@ -5,8 +5,8 @@ Deployments (prefect.yaml): ``preprocess/<dataset>``, ``train/<benchmark>``,
 (``flows.preprocess`` ...), so importing this package stays cheap.
 """
 
-from xmask3d.progress import quiet_library_noise
+from xmask3d.engine.progress import quiet_library_noise
 
 # Deployments run these modules in a worker's process: library chatter off there too (Dask's
-# INFO lines, MLflow's set-up lines, progress bars in non-terminal logs); see xmask3d.progress.
+# INFO lines, MLflow's set-up lines, progress bars in non-terminal logs); see xmask3d.engine.progress.
 quiet_library_noise()

@@ -1,6 +1,6 @@
 """evaluate/<benchmark>: per-view inference, ensembling and mIoU base / novel / hIoU of one model.
 
-The task wraps ``xmask3d.evaluate.evaluate``, which also logs the metrics, per-class tables, charts
+The task wraps ``xmask3d.engine.evaluate.evaluate``, which also logs the metrics, per-class tables, charts
 and PLY exports to MLflow (a run nested under the model's training run). The flow returns the
 metrics and publishes them as a table artifact.
 """
@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from xmask3d.evaluate import as_percent
+from xmask3d.engine import evaluate as evaluation
 
 
 @task(name="evaluate-model", task_run_name="evaluate-{benchmark}", cache_policy=NO_CACHE)
@@ -21,11 +21,10 @@ def evaluate_model(store: str, benchmark: str, model: str, tracking_uri: str | N
                    max_views: int = 0, random_init: bool = False) -> dict[str, object]:
     """Evaluate ``model`` (models:/NAME@alias, models:/NAME/VERSION, a run id or a checkpoint);
     progress lines go to the run's Prefect logs."""
-    from xmask3d.evaluate import evaluate
 
-    evaluation = evaluate(Path(store), benchmark, model, tracking_uri=tracking_uri, max_views=max_views,
-                          random_init=random_init, logger=get_run_logger())
-    return {"metrics": dict(evaluation.metrics), "run_id": evaluation.run_id, "table": evaluation.table()}
+    result = evaluation.evaluate(Path(store), benchmark, model, tracking_uri=tracking_uri,
+                                 max_views=max_views, random_init=random_init, logger=get_run_logger())
+    return {"metrics": dict(result.metrics), "run_id": result.run_id, "table": result.table()}
 
 
 @flow(name="evaluate", description="Evaluate an XMask3D model: mIoU base / novel / hIoU per head.")
@@ -42,7 +41,7 @@ def evaluate(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4
     logger.info("%s on %s (MLflow run %s), scores in %%:\n%s", model, benchmark, result["run_id"],
                 result["table"])
     create_table_artifact([{"metric": k, "value (%)": round(v, 2)}
-                           for k, v in sorted(as_percent(metrics).items())],
+                           for k, v in sorted(evaluation.as_percent(metrics).items())],
                           key=f"evaluate-{benchmark}", description=f"{model} on {benchmark}")
     return metrics
 

@@ -30,11 +30,16 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
+from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.tasks import exponential_backoff
 from prefect_dask import DaskTaskRunner
 
 from preprocessing import pipeline
+from preprocessing.captions import resolve_captions, resolve_region_captions
+from preprocessing.s3dis.download import download_s3dis
+from preprocessing.s3dis.views import view_captions
+from preprocessing.scannet.download import download_scannet
 from storage.errors import InputError
 from storage.store import open_store
 
@@ -55,15 +60,8 @@ def download(dataset: str, raw_dir: str, url: str | None = None, mirror: str | N
              scenes: list[str] | None = None) -> str:
     """Fetch the raw files into ``raw_dir`` (complete files are kept, so a retry resumes); -> raw_dir."""
     if dataset == "scannet":
-        from preprocessing.scannet.download import download_scannet
-
         download_scannet(Path(raw_dir), url=url, mirror=Path(mirror) if mirror else None, scenes=scenes)
         return raw_dir
-    try:
-        from preprocessing.s3dis.download import download_s3dis
-    except ImportError as error:
-        raise InputError("no S3DIS downloader in this version: put Stanford3dDataset_v1.2 under raw_dir "
-                         "and run without url/mirror") from error
     download_s3dis(Path(raw_dir), url=url, mirror=Path(mirror) if mirror else None)
     return raw_dir
 
@@ -84,12 +82,11 @@ def prepare_store(dataset: str, raw_dir: str, store: str, scenes: list[str] | No
     if not raw.is_dir():
         raise InputError(f"raw dir {raw} does not exist")
     if dataset == "s3dis":  # S3DIS captions belong to the 2D-3D-S views (default: VIEWS/captions.json)
-        from preprocessing.s3dis.views import view_captions
 
         caption_file = view_captions(Path(views), captions) if views else None
     else:
-        caption_file = pipeline.resolve_captions(raw, captions)
-    region_file = pipeline.resolve_region_captions(raw, region_captions) if dataset == "scannet" else None
+        caption_file = resolve_captions(raw, captions)
+    region_file = resolve_region_captions(raw, region_captions) if dataset == "scannet" else None
     cfg = pipeline.PreprocessConfig(frame_step=frame_step, overwrite=overwrite, text_encoder=text_encoder,
                                     captions=caption_file, views=Path(views) if views else None,
                                     region_captions=region_file)
@@ -133,7 +130,6 @@ def api_shared_with_workers() -> Iterator[None]:
     if get_current_settings().api.url:
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the running ephemeral server of this process
     if not server.running:

@@ -11,11 +11,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
 
+from storage.benchmarks import get_benchmark
 from storage.dataset import SceneViewDataset, scene_labels
 from storage.errors import InputError
 from storage.store import open_store
-from xmask3d.train import train_preset
+from xmask3d.cli import app
+from xmask3d.engine import predict as predict_mod
+from xmask3d.engine import train as train_mod
+from xmask3d.engine.checkpoint import load_checkpoint, save_checkpoint
+from xmask3d.engine.evaluate import evaluation_protocol, validation_set
+from xmask3d.engine.predict import eval_max_points, load_model_for_inference
+from xmask3d.engine.progress import TrainProgress
+from xmask3d.engine.tracking import resolve_model
+from xmask3d.engine.train import train, train_preset
+from xmask3d.network.config import PAPER_CLIP_CHECKPOINT, PAPER_CLIP_MODEL, preset
 
 BENCH = "scannet20-b15n4"
 
@@ -45,8 +57,6 @@ def _no_fit(*args, **kwargs):
 
 
 def test_paper_refuses_random_weights(synthetic_store, tmp_path, monkeypatch):
-    from xmask3d import train as train_mod
-
     monkeypatch.chdir(tmp_path)  # no weights/open_clip/ViT-L-14-openai.pt here
     monkeypatch.setattr(train_mod, "fit", _no_fit)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -68,10 +78,6 @@ def test_paper_refuses_random_weights(synthetic_store, tmp_path, monkeypatch):
 
 
 def test_cli_paper_without_weights_exit_2(synthetic_store, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from xmask3d.cli import app
-
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["train", "--store", str(synthetic_store), "--benchmark", BENCH,
                                       "--preset", "paper", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
@@ -82,10 +88,6 @@ def test_cli_paper_without_weights_exit_2(synthetic_store, tmp_path, monkeypatch
 
 
 def test_evaluation_refuses_random_paper_model(tmp_path):
-    from xmask3d.checkpoint import save_checkpoint
-    from xmask3d.config import preset
-    from xmask3d.evaluate import load_model_for_inference
-
     random_paper = dataclasses.asdict(preset("paper", clip_checkpoint=tmp_path / "gone.pt"))
     ckpt = save_checkpoint(tmp_path / "last.pt", {
         "model": {}, "preset": "paper", "benchmark": BENCH, "model_config": random_paper,
@@ -96,16 +98,11 @@ def test_evaluation_refuses_random_paper_model(tmp_path):
 
 
 def test_evaluation_point_cap_per_benchmark(synthetic_store, monkeypatch):
-    from xmask3d import evaluate as evaluate_mod
-    from xmask3d.evaluate import eval_max_points, evaluation_protocol, validation_set
-
     # the official val_keep (XMASK3D_SPEC.md §5): 1e7 on four benchmarks, 65000 on B12N7
     assert eval_max_points("scannet20-b15n4") == 10_000_000
     assert eval_max_points("scannet200-b170n30") == 10_000_000
     assert eval_max_points("scannet20-b12n7") == 65_000
     assert eval_max_points("s3dis-b8n4") == 65_000
-    from preprocessing.benchmarks import get_benchmark
-
     assert "10000000" in evaluation_protocol(get_benchmark(BENCH), 0, "minilm")["valid_view"]
     # the cap decides which views are evaluated
     scene = open_store(synthetic_store).scene(open_store(synthetic_store).scene_ids("val")[0])
@@ -113,16 +110,13 @@ def test_evaluation_point_cap_per_benchmark(synthetic_store, monkeypatch):
     valid = counts[counts > 400]
     cap = int(np.median(valid))
     everything = validation_set(synthetic_store, BENCH, 1000)
-    monkeypatch.setitem(evaluate_mod.VAL_KEEP, BENCH, cap)
+    monkeypatch.setitem(predict_mod.VAL_KEEP, BENCH, cap)
     capped = validation_set(synthetic_store, BENCH, 1000)
     assert len(everything.items) == len(valid) and 0 < len(capped.items) < len(everything.items)
     assert all(counts[view] < cap for _, view in capped.items)
 
 
 def test_validation_set_is_fixed(synthetic_store):
-    from preprocessing.benchmarks import get_benchmark
-    from xmask3d.evaluate import validation_set
-
     first = validation_set(synthetic_store, BENCH, 4, seed=1)
     second = validation_set(synthetic_store, BENCH, 4, seed=1)
     assert first == second and len(first.items) == 4 and len(set(first.items)) == 4
@@ -140,8 +134,6 @@ def test_validation_set_is_fixed(synthetic_store):
 
 
 def test_progress_lines_without_terminal(caplog):
-    from xmask3d.progress import TrainProgress
-
     logger = logging.getLogger("test.progress")
     progress = TrainProgress(total_steps=4, start_step=0, iters_per_epoch=2, epochs=2, logger=logger,
                              interval_s=0.0, tty=False)
@@ -159,10 +151,8 @@ def test_progress_lines_without_terminal(caplog):
 
 
 def _tiny_as_paper(tiny):
-    """A stand-in for ``xmask3d.config.preset``: `paper` at tiny sizes (same name, same default
-    missing weights and text encoder spec, tiny networks)."""
-    from xmask3d.config import PAPER_CLIP_CHECKPOINT, PAPER_CLIP_MODEL
-
+    """A stand-in for the model ``preset`` of training: `paper` at tiny sizes (same name, same
+    default missing weights and text encoder spec, tiny networks)."""
     def preset(name, sd_dir=None, clip_checkpoint=None):
         assert name == "paper" and sd_dir is None and clip_checkpoint is None
         return dataclasses.replace(tiny, name="paper",
@@ -176,15 +166,8 @@ def test_paper_random_init_run_logs_curves_in_percent(synthetic_store, tmp_path,
     """`paper` with random_init (tiny networks through a config override) trains with the recipe's
     augmentation, validates every epoch, keeps and registers the best checkpoint, and logs losses
     per step and validation metrics per validation, in percent, to a file-based MLflow store."""
-    from mlflow import MlflowClient
-
-    from xmask3d import config as config_mod
-    from xmask3d.checkpoint import load_checkpoint
-    from xmask3d.evaluate import resolve_model
-    from xmask3d.train import train
-
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(config_mod, "preset", _tiny_as_paper(config_mod.preset("tiny")))
+    monkeypatch.setattr(train_mod, "model_preset", _tiny_as_paper(preset("tiny")))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # 2 training scenes x loop 2 / batch 2 = 2 steps per epoch, 2 epochs, validation after each
     cfg = train_preset("paper", epochs=2, loop=2, batch_size=2, num_workers=0, torch_threads=1,
