@@ -13,6 +13,11 @@ URL (the same relative layout as the raw directory, so a local mirror directory 
     <url>/scans/<scene>/<scene>_vh_clean_2.0.010000.segs.json
     <url>/scans/<scene>/<scene>.aggregation.json
     <url>/scans/<scene>/<scene>.txt
+
+The URL holds a personal token: messages show only its scheme and host (``storage.redact``), and
+the Prefect flow reads it from the environment or a Secret block, never from a parameter.
+Every file is verified before it takes its final name (type, size, checksum when known:
+``preprocessing.download``); ``verify=True`` re-checks the files already on disk.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import re
 from pathlib import Path
 
 from preprocessing.download import RetryPolicy, check_source, fetch, fetch_all
+from preprocessing.verify import read_checksum_file
 from storage.errors import InputError
 
 URL_ENV = "XMASK3D_SCANNET_URL"
@@ -55,11 +61,14 @@ def read_split(path: Path) -> list[str]:
 
 def download_scannet(out_dir: Path, url: str | None = None, mirror: Path | None = None,
                      scenes: list[str] | None = None, split: str | None = None, workers: int = 4,
-                     policy: RetryPolicy = RetryPolicy()) -> list[Path]:
+                     policy: RetryPolicy = RetryPolicy(), checksums: Path | None = None,
+                     verify: bool = False) -> list[Path]:
     """Download the label TSV, split lists and the per-scene files into ``out_dir``.
 
     Scenes: ``scenes`` if given, else the ``split`` list (``train``/``val``), else both lists.
-    Complete files are skipped, so a rerun resumes an interrupted download. Returns every path.
+    Complete files are skipped, so a rerun resumes an interrupted download. ``checksums``: a
+    ``sha256sum``-format file of relative paths; ``verify``: re-check files already on disk against
+    the source (size, checksum) and fetch again those that fail. Returns every path.
     """
     if url is None and mirror is None:
         url = os.environ.get(URL_ENV) or None
@@ -74,9 +83,11 @@ def download_scannet(out_dir: Path, url: str | None = None, mirror: Path | None 
         raise InputError(f"not a ScanNet scene id: {bad[0]!r} (expected e.g. scene0000_00)")
     base = check_source(url if url is not None else Path(mirror))
     out_dir = Path(out_dir)
-    top = [fetch(base, name, out_dir, policy) for name in TOP_FILES]
+    sums = read_checksum_file(checksums) if checksums is not None else None
+    top = [fetch(base, name, out_dir, policy, checksums=sums, verify=verify) for name in TOP_FILES]
     if scenes is None:
         lists = [split] if split else list(SPLIT_FILES)
         scenes = [s for name in lists for s in read_split(out_dir / SPLIT_FILES[name])]
     relatives = [rel for scene in scenes for rel in scene_files(scene)]
-    return top + fetch_all(base, relatives, out_dir, workers=workers, policy=policy, desc="scannet")
+    return top + fetch_all(base, relatives, out_dir, workers=workers, policy=policy, desc="scannet",
+                           checksums=sums, verify=verify)
