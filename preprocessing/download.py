@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from preprocessing import verify as checks
 from storage.errors import InputError
-from storage.redact import public_base
+from storage.redact import public_base, split_userinfo
 
 CHUNK = 1 << 20
 _BAR_LOCK = threading.Lock()
@@ -153,6 +153,16 @@ def _total_from(response: http.client.HTTPResponse, name: str) -> tuple[int, int
     return 0, int(length)
 
 
+def _request(url: str, method: str = "GET", **headers: str) -> urllib.request.Request:
+    """A request for ``url``; ``user:token@`` in it goes into an Authorization header instead."""
+    bare, auth = split_userinfo(url)
+    headers = {"User-Agent": "xmask3d-download", **headers}
+    request = urllib.request.Request(bare, method=method, headers=headers)
+    if auth:
+        request.add_header("Authorization", auth)
+    return request
+
+
 def _open(request: urllib.request.Request, name: str, policy: RetryPolicy) -> http.client.HTTPResponse:
     """urlopen with failures sorted into retryable (``_Transient``/``_Refused``) and ``InputError``.
 
@@ -172,6 +182,8 @@ def _open(request: urllib.request.Request, name: str, policy: RetryPolicy) -> ht
         if isinstance(reason, OSError) and not isinstance(reason, socket.gaierror):
             raise _Transient(f"{name}: {type(reason).__name__} {reason.strerror or ''}".rstrip()) from None
         raise InputError(f"{name}: cannot connect ({type(reason).__name__})") from None
+    except http.client.InvalidURL:
+        raise InputError(f"{name}: invalid URL") from None
     except (TimeoutError, ConnectionError, http.client.HTTPException) as error:
         raise _Transient(f"{name}: {type(error).__name__}") from None
 
@@ -180,9 +192,7 @@ def _http_attempt(url: str, name: str, part: Path, policy: RetryPolicy, bar: tqd
                   remote: _Remote) -> int:
     """One request: resume ``part`` from its current size. Returns the total size when complete."""
     offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "xmask3d-download"})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
+    request = _request(url, **({"Range": f"bytes={offset}-"} if offset else {}))
     try:
         response = _open(request, name, policy)
     except _HTTPClientError as error:
@@ -257,7 +267,7 @@ def _download_http(url: str, name: str, relative: str, dest: Path, expected: Map
 
 def _remote_info(url: str, name: str, policy: RetryPolicy) -> _Remote:
     """Size and published checksums of a remote file, from a HEAD request (GET of byte 0 if refused)."""
-    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "xmask3d-download"})
+    request = _request(url, method="HEAD")
     for attempt in range(policy.retries + 1):
         if attempt:
             time.sleep(min(policy.backoff_s * 2 ** (attempt - 1), policy.max_backoff_s))
@@ -268,8 +278,7 @@ def _remote_info(url: str, name: str, policy: RetryPolicy) -> _Remote:
                                checks.header_digests(response.headers, full_body=True))
         except _HTTPClientError as error:
             if request.get_method() == "HEAD" and error.code in (403, 405):
-                request = urllib.request.Request(url, headers={"User-Agent": "xmask3d-download",
-                                                               "Range": "bytes=0-0"})
+                request = _request(url, Range="bytes=0-0")
                 with _open(request, name, policy) as response:
                     total = response.headers.get("Content-Range", "").rpartition("/")[2]
                     return _Remote(int(total) if total.isdigit() else None,

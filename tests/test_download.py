@@ -272,13 +272,18 @@ def test_personal_url_never_appears_in_errors(raw_tree, tmp_path):
         download_scannet(tmp_path / "ok", url=personal, scenes=ONE, policy=FAST)  # the URL works
         with pytest.raises(InputError) as missing:
             download_scannet(tmp_path / "a", url=personal, scenes=["scene0042_00"], policy=FAST)
+        with_user = url.replace("://", f"://me:{TOKEN}@") + f"/{TOKEN}/v2"  # sent as basic auth
+        download_scannet(tmp_path / "b", url=with_user, scenes=ONE, policy=FAST)
+        with pytest.raises(InputError) as user_missing:
+            download_scannet(tmp_path / "b", url=with_user, scenes=["scene0042_00"], policy=FAST)
+    assert same_tree(raw_tree, tmp_path / "b", ONE_RELS)
     port = free_port()
     with pytest.raises(InputError) as refused:
         fetch(f"http://127.0.0.1:{port}/{TOKEN}/v2?key={TOKEN}", "a.txt", tmp_path, RetryPolicy(
             backoff_s=0.01, refused_retries=0))
     with pytest.raises(InputError) as scheme:
         fetch_all(f"ftp://user:{TOKEN}@example.org/x", ["a.txt"], tmp_path)
-    for error in (missing, refused, scheme):
+    for error in (missing, user_missing, refused, scheme):
         assert TOKEN not in str(error.value) and TOKEN not in repr(error.value.__cause__)
     assert f"{url}/***/scans/scene0042_00/" in str(missing.value) and "HTTP 404" in str(missing.value)
     assert "connection refused" in str(refused.value)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from preprocessing.benchmarks import Benchmark, get_benchmark
 from storage.errors import InputError
+from storage.redact import redact, redact_url, secrets_in_url
 from xmask3d import plots
 from xmask3d.checkpoint import LAST_NAME, load_checkpoint
 from xmask3d.metrics import (
@@ -463,7 +464,9 @@ def resolve_model(model: str, tracking_uri: str | None, download_dir: Path) -> t
             mlflow.set_registry_uri(uri)
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(download_dir)))
         except (MlflowException, ValueError) as error:
-            raise InputError(f"model {model}: not found in the registry at {uri} ({error})") from error
+            reason = redact(str(error), secrets_in_url(uri))
+            raise InputError(f"model {model}: not found in the registry at {redact_url(uri)} ({reason})") \
+                from None
         found = sorted(local.rglob(LAST_NAME))
         if not found:
             raise InputError(f"model {model}: no checkpoint among its artifacts")

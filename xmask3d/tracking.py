@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import mlflow
 import mlflow.pyfunc
@@ -32,6 +33,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from storage.errors import InputError
+from storage.redact import redact, redact_url, secrets_in_url, split_userinfo
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 CANDIDATE = "candidate"
@@ -67,27 +69,43 @@ def artifact_root_for(uri: str) -> str | None:
     return (db.resolve().parent / "mlartifacts").as_uri()
 
 
+def _health_request(uri: str) -> urllib.request.Request:
+    """GET <uri>/health, with user-info of the URI (``user:token@``) sent as basic auth, not in the URL."""
+    bare, auth = split_userinfo(uri)
+    parts = urlsplit(bare)
+    health = parts.path.rstrip("/") + "/health"
+    request = urllib.request.Request(urlunsplit((parts.scheme, parts.netloc, health, "", "")))
+    if auth:
+        request.add_header("Authorization", auth)
+    return request
+
+
 def check_tracking_available(uri: str, timeout: float = 5.0) -> None:
-    """Fail early (InputError) when the tracking backend cannot be used, before any training."""
+    """Fail early (InputError) when the tracking backend cannot be used, before any training.
+
+    Messages show the URI with its credentials (``user:token@``, query values) redacted.
+    """
     scheme = urlparse(uri).scheme
+    shown = redact_url(uri)
     if scheme in ("http", "https"):
-        health = uri.rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310 - user URI
+            with urllib.request.urlopen(_health_request(uri), timeout=timeout) as response:  # noqa: S310
                 if response.status != 200:
-                    raise InputError(f"MLflow tracking server {uri}: /health answered {response.status}")
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise InputError(f"MLflow tracking server {uri} is not reachable ({reason}); start it or set "
-                             "MLFLOW_TRACKING_URI") from error
+                    raise InputError(f"MLflow tracking server {shown}: /health answered {response.status}")
+        except urllib.error.HTTPError as error:
+            raise InputError(f"MLflow tracking server {shown}: /health answered {error.code}") from None
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
+            reason = redact(str(getattr(error, "reason", error)), secrets_in_url(uri))
+            raise InputError(f"MLflow tracking server {shown} is not reachable ({reason}); start it or set "
+                             "MLFLOW_TRACKING_URI") from None
         return
     db = _sqlite_path(uri)
     if db is not None:
         parent = db.resolve().parent
         if not parent.is_dir():
-            raise InputError(f"{uri}: directory {parent} for the MLflow database does not exist")
+            raise InputError(f"{shown}: directory {parent} for the MLflow database does not exist")
         if not os.access(parent, os.W_OK):
-            raise InputError(f"{uri}: directory {parent} for the MLflow database is not writable")
+            raise InputError(f"{shown}: directory {parent} for the MLflow database is not writable")
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -119,8 +137,9 @@ class RunTracker:
         else:
             try:
                 run = self.client.get_run(run_id)
-            except MlflowException as error:
-                raise InputError(f"MLflow run {run_id} not found at {self.tracking_uri}") from error
+            except MlflowException:
+                raise InputError(f"MLflow run {run_id} not found at {redact_url(self.tracking_uri)}") \
+                    from None
             self.run_id = run.info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
 
@@ -185,7 +204,8 @@ def download_run_checkpoint(tracking_uri: str | None, run_id: str, dst: Path) ->
     try:
         local = client.download_artifacts(run_id, "checkpoints/last.pt", str(dst))
     except (MlflowException, OSError) as error:
-        raise InputError(f"MLflow run {run_id}: no checkpoints/last.pt artifact ({error})") from error
+        reason = redact(str(error), secrets_in_url(client.tracking_uri))
+        raise InputError(f"MLflow run {run_id}: no checkpoints/last.pt artifact ({reason})") from None
     return Path(local)
 
 
