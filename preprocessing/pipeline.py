@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from preprocessing.captions import embed_captions, load_captions, scene_captions
 from preprocessing.projection import Correspondences, prepare_points, project_points
 from preprocessing.region_captions import load_region_captions, scene_region_sets
+from preprocessing.scannet.mesh import read_label_tsv
 from storage.errors import InputError
 from storage.regions import RegionCaptions
 from storage.schema import DEPTH_SCALE
@@ -432,6 +433,8 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
     if cfg.frame_step < 1:
         raise InputError(f"--frame-step must be >= 1, got {cfg.frame_step}")
     listing = list_scannet_scenes(raw_dir) if dataset == "scannet" else list_s3dis_rooms(raw_dir)
+    if dataset == "scannet":  # a bad label TSV is one error here, not one per scene
+        read_label_tsv(raw_dir / "scannetv2-labels.combined.tsv")
     if scenes is not None:
         scenes = list(scenes)
         unknown = [s for s in scenes if s not in listing]
