@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import math
 import os
 import time
@@ -35,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from storage.errors import InputError
 from storage.redact import redact, redact_url, secrets_in_url, split_userinfo
 
+log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -141,7 +143,15 @@ class RunTracker:
                 raise InputError(f"MLflow run {run_id} not found at {redact_url(self.tracking_uri)}") \
                     from None
             self.run_id = run.info.run_id
+            previous = run.info.status
+            if previous == "RUNNING":  # the attempt before was killed (SIGKILL, power loss) mid-run
+                log.warning("MLflow run %s was still RUNNING: its previous attempt ended without saying so "
+                            "(killed); resuming it", self.run_id)
+            resumes = int(run.data.tags.get("resume.count", "0")) + 1
+            self.set_tags({"resume.count": resumes, f"resume.{resumes}.previous_status": previous})
             self.client.update_run(self.run_id, status="RUNNING")
+        self._resumed = run_id is not None
+        self._logged_before: dict[str, int] = {}  # resumed run: metric -> last step logged before
 
     @property
     def artifact_uri(self) -> str:
@@ -159,10 +169,19 @@ class RunTracker:
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
+    def _last_step_before(self, key: str) -> int:
+        """The last step of ``key`` logged before this attempt (-1 for a new run or a new metric)."""
+        if key not in self._logged_before:
+            history = self.client.get_metric_history(self.run_id, key) if self._resumed else []
+            self._logged_before[key] = max((m.step for m in history), default=-1)
+        return self._logged_before[key]
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log ``metrics`` at ``step``. A resumed run skips steps its killed attempt already logged
+        (it logged past its last checkpoint; the resumed values are the same, bit for bit)."""
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
-                 if v is not None and math.isfinite(float(v))]
+                 if v is not None and math.isfinite(float(v)) and int(step) > self._last_step_before(k)]
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
 
