@@ -74,8 +74,8 @@ def test_sigterm_marks_killed_sigkill_is_recorded_at_resume_and_steps_log_once(s
     again, code = attempt(["--resume", run_id], 4, signal.SIGKILL)
     assert again == run_id and code == -signal.SIGKILL
     assert client.get_run(run_id).info.status == "RUNNING"  # nothing can run after SIGKILL
-    done = subprocess.run(common + ["--resume", run_id], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(common + ["--resume", run_id], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
