@@ -31,13 +31,18 @@ from prefect.artifacts import (
 from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
+from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.tasks import exponential_backoff
 from prefect_dask import DaskTaskRunner
 
 from preprocessing import pipeline
-from preprocessing.s3dis import download as s3dis_download
-from preprocessing.scannet import download as scannet_download
+from preprocessing.captions import resolve_captions, resolve_region_captions
+from preprocessing.s3dis.download import URL_ENV as S3DIS_URL_ENV
+from preprocessing.s3dis.download import download_s3dis
+from preprocessing.s3dis.views import view_captions
+from preprocessing.scannet.download import URL_ENV as SCANNET_URL_ENV
+from preprocessing.scannet.download import download_scannet
 from storage.errors import InputError
 from storage.store import open_store
 
@@ -71,7 +76,7 @@ def download_url(dataset: str, url_from: str) -> str:
     URL itself is never a flow parameter: parameters are stored in Prefect's database and shown in
     its UI. Messages never repeat it.
     """
-    variable = {"scannet": scannet_download.URL_ENV, "s3dis": s3dis_download.URL_ENV}[dataset]
+    variable = {"scannet": SCANNET_URL_ENV, "s3dis": S3DIS_URL_ENV}[dataset]
     if url_from == "env":
         url = os.environ.get(variable, "")
         if not url:
@@ -100,9 +105,9 @@ def download(dataset: str, raw_dir: str, url_from: str | None = None, mirror: st
     url = download_url(dataset, url_from) if url_from else None
     source = {"url": url, "mirror": Path(mirror) if mirror else None, "verify": verify}
     if dataset == "scannet":
-        scannet_download.download_scannet(Path(raw_dir), scenes=scenes, **source)
+        download_scannet(Path(raw_dir), scenes=scenes, **source)
     else:
-        s3dis_download.download_s3dis(Path(raw_dir), **source)
+        download_s3dis(Path(raw_dir), **source)
     return raw_dir
 
 
@@ -122,12 +127,11 @@ def prepare_store(dataset: str, raw_dir: str, store: str, scenes: list[str] | No
     if not raw.is_dir():
         raise InputError(f"raw dir {raw} does not exist")
     if dataset == "s3dis":  # S3DIS captions belong to the 2D-3D-S views (default: VIEWS/captions.json)
-        from preprocessing.s3dis.views import view_captions
 
         caption_file = view_captions(Path(views), captions) if views else None
     else:
-        caption_file = pipeline.resolve_captions(raw, captions)
-    region_file = pipeline.resolve_region_captions(raw, region_captions) if dataset == "scannet" else None
+        caption_file = resolve_captions(raw, captions)
+    region_file = resolve_region_captions(raw, region_captions) if dataset == "scannet" else None
     cfg = pipeline.PreprocessConfig(frame_step=frame_step, overwrite=overwrite, text_encoder=text_encoder,
                                     captions=caption_file, views=Path(views) if views else None,
                                     region_captions=region_file)
@@ -171,7 +175,6 @@ def api_shared_with_workers() -> Iterator[None]:
     if get_current_settings().api.url:
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the running ephemeral server of this process
     if not server.running:

@@ -26,7 +26,10 @@ from tqdm.auto import tqdm
 from preprocessing.captions import embed_captions, load_captions, scene_captions
 from preprocessing.projection import Correspondences, prepare_points, project_points
 from preprocessing.region_captions import load_region_captions, scene_region_sets
-from preprocessing.scannet.mesh import read_label_tsv
+from preprocessing.s3dis.reader import read_s3dis_room
+from preprocessing.s3dis.views import index_views, resolve_views_dir, room_frames, store_room_views
+from preprocessing.scannet.mesh import read_label_tsv, read_scannet_scene
+from preprocessing.scannet.sens import SensReader
 from storage.errors import InputError
 from storage.regions import RegionCaptions
 from storage.schema import DEPTH_SCALE
@@ -70,36 +73,6 @@ class SceneSummary:
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
-
-
-def resolve_captions(raw_dir: Path, captions: str | Path | None) -> Path | None:
-    """``None`` -> ``raw_dir/captions.json`` if present; ``'none'`` -> no captions; else the path."""
-    if captions is None:
-        default = Path(raw_dir) / "captions.json"
-        if default.is_file():
-            return default
-        log.warning("%s: no captions.json; preprocessing without captions", raw_dir)
-        return None
-    if str(captions).lower() == "none":
-        return None
-    path = Path(captions)
-    if not path.is_file():
-        raise InputError(f"{path}: caption file not found (pass --captions none to run without)")
-    return path
-
-
-def resolve_region_captions(raw_dir: Path, region_captions: str | Path | None) -> Path | None:
-    """``None`` -> ``raw_dir/region_captions.json`` if present; ``'none'`` -> none; else the path."""
-    if region_captions is None:
-        default = Path(raw_dir) / "region_captions.json"
-        return default if default.is_file() else None
-    if str(region_captions).lower() == "none":
-        return None
-    path = Path(region_captions)
-    if not path.is_file():
-        raise InputError(f"{path}: region caption file not found "
-                         "(pass --region-captions none to run without)")
-    return path
 
 
 def list_scannet_scenes(raw_dir: Path) -> dict[str, str]:
@@ -161,7 +134,7 @@ def _s3dis_room_dir(raw_dir: Path, room_id: str) -> Path:
 @functools.cache
 def _text_encoder(spec: str):
     """One encoder per worker process (loading MiniLM takes seconds)."""
-    from xmask3d.text import build_text_encoder
+    from preprocessing.text import build_text_encoder  # heavy: torch and a text model, only with captions
 
     return build_text_encoder(spec)
 
@@ -203,8 +176,6 @@ def _load_captions_cached(path: Path, mtime_ns: int, size: int) -> dict[str, dic
 def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg: PreprocessConfig,
                              split: str | None = None) -> SceneSummary:
     """Decode, project, caption-embed and store one ScanNet scene (skips a complete one)."""
-    from preprocessing.scannet.mesh import read_scannet_scene
-    from preprocessing.scannet.sens import SensReader
 
     start = time.perf_counter()
     raw_dir = Path(raw_dir)
@@ -331,8 +302,6 @@ def preprocess_s3dis_room(raw_dir: Path, room_id: str, store_path: Path, cfg: Pr
     Views are stored square (side = the configured image height), projected and caption-embedded
     by ``preprocessing.s3dis.views.store_room_views``; without ``cfg.views`` the room has 0 frames.
     """
-    from preprocessing.s3dis.reader import read_s3dis_room
-    from preprocessing.s3dis.views import room_frames, store_room_views
 
     start = time.perf_counter()
     store = open_store(store_path, mode="r+")
@@ -445,7 +414,6 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
     if dataset == "s3dis" and cfg.views is None:
         cfg = PreprocessConfig(**{**cfg.__dict__, "captions": None})
     if dataset == "s3dis" and cfg.views is not None:
-        from preprocessing.s3dis.views import index_views, resolve_views_dir
 
         views = resolve_views_dir(Path(cfg.views)).resolve()
         index_views(views, rooms=list_s3dis_rooms(raw_dir))  # checks the layout; logs counted skips
@@ -459,7 +427,8 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
         missing = [s for s in listing if s not in regions]
         if missing:
             log.warning("%s: no region captions for scene(s) %s", cfg.region_captions, ", ".join(missing))
-        from xmask3d.text import text_encoder_info
+
+        from preprocessing.text import text_encoder_info  # heavy: torch, only with captions
 
         encoder_name, text_dim = text_encoder_info(cfg.text_encoder)
     if cfg.captions is not None:
@@ -471,7 +440,8 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
         elif missing:
             raise InputError(f"{cfg.captions}: no captions for scene(s) {', '.join(missing)} "
                              "(use --captions none to run without)")
-        from xmask3d.text import text_encoder_info
+
+        from preprocessing.text import text_encoder_info  # heavy: torch, only with captions
 
         encoder_name, text_dim = text_encoder_info(cfg.text_encoder)
     store = create_store(store_path, dataset, encoder_name, text_dim)
@@ -489,7 +459,7 @@ def run_preprocess(dataset: str, raw_dir: Path, store_path: Path, cfg: Preproces
     ``dask_address``: an existing scheduler; otherwise a ``LocalCluster`` of ``workers`` single-
     threaded processes (default: min(CPU count, scenes)).
     """
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import Client, LocalCluster, as_completed  # heavy: only the driver needs it
 
     raw_dir, store_path = Path(raw_dir), Path(store_path)
     listing, cfg = prepare_store(dataset, raw_dir, store_path, cfg, scenes)

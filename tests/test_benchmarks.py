@@ -1,4 +1,4 @@
-"""Benchmark definitions and label maps (preprocessing/benchmarks.py)."""
+"""Benchmark definitions and label maps (storage/benchmarks.py)."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preprocessing.benchmarks import BENCHMARK_NAMES, IGNORE, get_benchmark
+from storage.benchmarks import BENCHMARK_NAMES, IGNORE, get_benchmark
 from storage.errors import InputError
 
 OFFICIAL_JSON = Path(__file__).resolve().parent / "data" / "benchmarks_official.json"  # tests/data/README.md

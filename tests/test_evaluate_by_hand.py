@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preprocessing.benchmarks import get_benchmark
+from storage.benchmarks import get_benchmark
 from storage.dataset import scene_labels
 from storage.store import open_store
-from xmask3d import evaluate as evaluate_mod
-from xmask3d.evaluate import ScenePrediction, evaluate_loaded
-from xmask3d.metrics import IGNORE_INDEX
+from xmask3d.engine import evaluate as evaluate_mod
+from xmask3d.engine.evaluate import evaluate_loaded
+from xmask3d.engine.metrics import IGNORE_INDEX
+from xmask3d.engine.predict import ScenePrediction
 
 BENCH = "scannet20-b15n4"
 

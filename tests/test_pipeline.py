@@ -118,7 +118,7 @@ def test_correspondences_follow_the_geometry(synthetic_store):
 
 
 def test_same_store_serves_scannet20_and_scannet200(synthetic_store):
-    from preprocessing.benchmarks import get_benchmark
+    from storage.benchmarks import get_benchmark
 
     store = open_store(synthetic_store)
     scene = store.scene("scene0000_00")

@@ -7,7 +7,7 @@ import pytest
 from storage.errors import InputError
 from storage.redact import public_base, redact, redact_url, secrets_in_url
 from tests.servers import free_port
-from xmask3d import tracking
+from xmask3d.engine import tracking
 
 TOKEN = "pa55-t0ken"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from storage.errors import InputError
-from xmask3d.checkpoint import FORMAT, load_checkpoint
+from xmask3d.engine.checkpoint import FORMAT, load_checkpoint
 
 
 class Payload:

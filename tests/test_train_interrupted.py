@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from xmask3d.checkpoint import load_checkpoint
-from xmask3d.tracking import RunTracker
+from xmask3d.engine.checkpoint import load_checkpoint
+from xmask3d.engine.tracking import RunTracker
 
 BENCH = "scannet20-b15n4"
 

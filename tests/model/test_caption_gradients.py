@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xmask3d.losses import caption_loss, region_caption_loss
+from xmask3d.network.losses import caption_loss, region_caption_loss
 
 
 def test_caption_loss_gradient_matches_finite_differences():
