@@ -32,7 +32,7 @@ from preprocessing.region_captions import load_region_captions, scene_region_set
 from preprocessing.s3dis.reader import read_s3dis_room
 from preprocessing.s3dis.views import index_views, resolve_views_dir, room_frames, store_room_views
 from preprocessing.scannet.labels2d import LabelImages, label_zip_path
-from preprocessing.scannet.mesh import read_scannet_scene, scene_paths
+from preprocessing.scannet.mesh import read_label_tsv, read_scannet_scene, scene_paths
 from preprocessing.scannet.sens import SensReader
 from preprocessing.scannet.splits import list_scenes, scene_dir
 from storage.errors import InputError
@@ -481,6 +481,8 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
     if cfg.frame_step < 1:
         raise InputError(f"--frame-step must be >= 1, got {cfg.frame_step}")
     listing = list_scannet_scenes(raw_dir) if dataset == "scannet" else list_s3dis_rooms(raw_dir)
+    if dataset == "scannet":  # a bad label TSV is one error here, not one per scene
+        read_label_tsv(raw_dir / "scannetv2-labels.combined.tsv")
     if scenes is not None:
         scenes = list(scenes)
         unknown = [s for s in scenes if s not in listing]
