@@ -23,7 +23,7 @@ HOSTED_LISTS = ["scannetv2_train.txt", "scannetv2_val.txt"]  # the tree hosts th
 
 # the first bytes each file type must start with (the downloader checks them), then random bytes
 HEADS = {".sens": struct.pack("<I", 4), ".ply": b"ply\nformat binary_little_endian 1.0\n", ".json": b"{",
-         ".txt": b"axisAlignment = ", ".tsv": b"id\traw_category\n"}
+         ".txt": b"axisAlignment = ", ".tsv": b"id\traw_category\n", ".zip": b"PK\x03\x04"}
 
 
 def fake_file(rel: str, rng: np.random.Generator, size: int) -> bytes:
