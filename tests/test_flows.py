@@ -67,16 +67,17 @@ def test_preprocess_scene_task_writes_a_scene_then_skips_it(synthetic_scannet, t
     assert open_store(store).scene_ids() == [first]
     again = pf.preprocess_scene.fn("scannet", str(synthetic_scannet), first, store, cfg, listing[first])
     assert again.status == "skipped"
-    skipped = pf.skip_complete(store, listing)[first]
+    skipped = pf.skip_complete(store, listing, "scannet", str(synthetic_scannet), cfg)[first]
     assert (skipped.points, skipped.frames_kept) == (summary.points, summary.frames_kept)
 
 
-def test_download_task_fetches_over_http_and_retries_with_backoff(synthetic_scannet, tmp_path):
+def test_download_task_fetches_over_http_and_retries_with_backoff(synthetic_scannet, tmp_path, monkeypatch):
     assert pf.download.retries == 3 and pf.download.retry_delay_seconds == [2, 4, 8]
     first = scene_ids(synthetic_scannet)[0]
     raw = tmp_path / "raw"
     with serve_directory(Path(synthetic_scannet)) as url:
-        assert pf.download.fn("scannet", str(raw), url=url, scenes=[first]) == str(raw)
+        monkeypatch.setenv("XMASK3D_SCANNET_URL", url)  # the URL is never a parameter
+        assert pf.download.fn("scannet", str(raw), url_from="env", scenes=[first]) == str(raw)
     source = Path(synthetic_scannet) / "scans" / first / f"{first}.sens"
     assert (raw / "scans" / first / f"{first}.sens").read_bytes() == source.read_bytes()
     assert scene_ids(raw) == [first]

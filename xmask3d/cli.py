@@ -94,14 +94,18 @@ def download_scannet(
     url: Annotated[str | None, typer.Option(help="your ScanNet URL (default: $XMASK3D_SCANNET_URL)")] = None,
     mirror: Annotated[Path | None, typer.Option(help="local mirror directory")] = None,
     scenes: Annotated[str | None, typer.Option(help="comma-separated scene ids")] = None,
-    split: Annotated[str | None, typer.Option(help="train or val")] = None,
+    split: Annotated[str | None, typer.Option(help="train, val or test")] = None,
     workers: Annotated[int, typer.Option(help="parallel downloads")] = 4,
+    verify: Annotated[bool, typer.Option(help="re-check files on disk (size, checksum); fetch failing ones")
+                      ] = False,
+    checksums: Annotated[Path | None, typer.Option(help="sha256sum-format file of relative paths")] = None,
 ) -> None:
-    """Download the official ScanNet v2 per-scene files."""
+    """Download the official ScanNet v2 per-scene files (each verified before it is kept)."""
     from preprocessing.scannet.download import download_scannet as download  # heavy: loaded per command
 
     ids = [s.strip() for s in scenes.split(",") if s.strip()] if scenes else None
-    paths = download(out, url=url, mirror=mirror, scenes=ids, split=split, workers=workers)
+    paths = download(out, url=url, mirror=mirror, scenes=ids, split=split, workers=workers, verify=verify,
+                     checksums=checksums)
     typer.echo(f"{len(paths)} files under {out}")
 
 
@@ -117,13 +121,16 @@ def download_s3dis(
     areas: Annotated[str | None, typer.Option(help="2D-3D-S areas, e.g. 1,2,5a,5b (default all)")] = None,
     workers: Annotated[int, typer.Option(help="parallel downloads")] = 2,
     keep_archives: Annotated[bool, typer.Option(help="keep the archives after unpacking")] = True,
+    verify: Annotated[bool, typer.Option(help="re-check kept archives (size, checksum); fetch failing ones")
+                      ] = False,
+    checksums: Annotated[Path | None, typer.Option(help="sha256sum-format file of the archives")] = None,
 ) -> None:
     """Download and unpack S3DIS (Stanford3dDataset_v1.2) and its 2D-3D-S views (resumable)."""
     from preprocessing.s3dis.download import download_s3dis as download  # heavy: loaded per command
 
     names = [a for a in areas.split(",") if a.strip()] if areas else None
     dirs = download(out, url=url, mirror=mirror, release=release, views=views, areas=names, workers=workers,
-                    keep_archives=keep_archives)
+                    keep_archives=keep_archives, verify=verify, checksums=checksums)
     typer.echo("unpacked " + ", ".join(str(d) for d in dirs))
 
 

@@ -17,6 +17,7 @@ DDP: launched by ``torchrun`` (WORLD_SIZE > 1), NCCL on CUDA and gloo on CPU, a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,8 +25,10 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -607,11 +610,12 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
                         "world_size": info.world_size})
     run_id = _broadcast(run.run_id if run else None, info)
     try:
-        result = _train_model(store_path, bench, preset, cfg, model_cfg, encoder, info, run, run_id,
-                              checkpoint_root / run_id, payload, weights, logger or log)
-    except BaseException:
+        with _terminate_raises():
+            result = _train_model(store_path, bench, preset, cfg, model_cfg, encoder, info, run, run_id,
+                                  checkpoint_root / run_id, payload, weights, logger or log)
+    except BaseException as error:  # the run must not stay RUNNING; only SIGKILL leaves it so
         if run is not None:
-            run.end("FAILED")
+            run.end("KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED")
         raise
     return result
 
@@ -625,6 +629,27 @@ def random_init_text_encoder(store_path: Path, store: StoreInfo) -> str:
         return store.text_encoder
     raise InputError(f"{store_path}: captions were embedded with {store.text_encoder}, whose weights file "
                      "the paper text encoder needs even with --random-init (give --clip-checkpoint)")
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """SIGTERM (a worker or torchrun stopping us) raises SystemExit(143), so cleanup runs.
+
+    Only in the main thread and only where SIGTERM still has its default action.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def is_3d_parameter(name: str) -> bool:
