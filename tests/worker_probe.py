@@ -15,5 +15,16 @@ def heavy_modules() -> list[str]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process, MB."""
+    """Peak resident set size of this process's own address space, MB.
+
+    ``VmHWM`` (Linux): ``ru_maxrss`` survives ``exec``, so in a worker process started by fork +
+    exec it reports the parent's size at the fork, not the worker's.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
