@@ -12,7 +12,7 @@ import functools
 from collections.abc import Iterable
 
 from preprocessing.captions import CaptionEmbeddings, embed_captions
-from xmask3d.text import MiniLMTextEncoder, OpenClipTextEncoder, build_text_encoder
+from preprocessing.text import MiniLMTextEncoder, OpenClipTextEncoder, build_text_encoder
 
 
 @functools.cache

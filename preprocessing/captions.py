@@ -11,6 +11,7 @@ captions once in the driver (``preprocessing.caption_embed``) and ships each sce
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +22,9 @@ import numpy as np
 from storage.errors import InputError
 
 if TYPE_CHECKING:
-    from xmask3d.text import TextEncoder
+    from preprocessing.text import TextEncoder
+
+log = logging.getLogger(__name__)
 
 
 def read_json_file(path: Path, what: str, hint: str = "") -> object:
@@ -130,3 +133,33 @@ def embed_captions(texts: list[str], encoder: TextEncoder | CaptionEmbeddings,
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def resolve_captions(raw_dir: Path, captions: str | Path | None) -> Path | None:
+    """``None`` -> ``raw_dir/captions.json`` if present; ``'none'`` -> no captions; else the path."""
+    if captions is None:
+        default = Path(raw_dir) / "captions.json"
+        if default.is_file():
+            return default
+        log.warning("%s: no captions.json; preprocessing without captions", raw_dir)
+        return None
+    if str(captions).lower() == "none":
+        return None
+    path = Path(captions)
+    if not path.is_file():
+        raise InputError(f"{path}: caption file not found (pass --captions none to run without)")
+    return path
+
+
+def resolve_region_captions(raw_dir: Path, region_captions: str | Path | None) -> Path | None:
+    """``None`` -> ``raw_dir/region_captions.json`` if present; ``'none'`` -> none; else the path."""
+    if region_captions is None:
+        default = Path(raw_dir) / "region_captions.json"
+        return default if default.is_file() else None
+    if str(region_captions).lower() == "none":
+        return None
+    path = Path(region_captions)
+    if not path.is_file():
+        raise InputError(f"{path}: region caption file not found "
+                         "(pass --region-captions none to run without)")
+    return path

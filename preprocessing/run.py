@@ -19,16 +19,12 @@ from pathlib import Path
 from distributed import Client, Future, LocalCluster, as_completed
 from tqdm.auto import tqdm
 
+from preprocessing import pipeline
 from preprocessing.caption_embed import embed_texts
 from preprocessing.captions import CaptionEmbeddings
-from preprocessing.pipeline import (
-    PreprocessConfig,
-    SceneSummary,
-    prepare_store,
-    preprocess_scene_safe,
-    scene_texts,
-)
+from preprocessing.pipeline import PreprocessConfig, SceneSummary, preprocess_scene_safe, scene_texts
 from storage.errors import InputError
+from storage.store import store_lock
 
 WORKER_MODULE = "preprocessing.pipeline"  # imported by each local worker as it starts
 
@@ -130,15 +126,24 @@ def scene_results(futures: dict[Future, str]) -> Iterator[SceneSummary]:
 
 def run_preprocess(dataset: str, raw_dir: Path, store_path: Path, cfg: PreprocessConfig,
                    scenes: Iterable[str] | None = None, dask_address: str | None = None,
-                   workers: int | None = None) -> list[SceneSummary]:
+                   workers: int | None = None, lock_wait_s: float = 0.0) -> list[SceneSummary]:
     """Preprocess scenes with Dask, without Prefect; -> one summary per scene, in listing order.
 
     Scenes complete in the store are skipped by the per-scene function (unless ``cfg.overwrite``).
     ``dask_address``: an existing scheduler; otherwise a ``LocalCluster`` of ``workers``
-    single-threaded processes (default: min(CPU count, 4, scenes)).
+    single-threaded processes (default: min(CPU count, 4, scenes)). The run holds the store's
+    writer lock; another run's lock is waited for up to ``lock_wait_s`` seconds, then an
+    InputError names it.
     """
+    with store_lock(store_path, f"preprocess {dataset}", wait_s=lock_wait_s):
+        return _run_preprocess(dataset, raw_dir, store_path, cfg, scenes, dask_address, workers)
+
+
+def _run_preprocess(dataset: str, raw_dir: Path, store_path: Path, cfg: PreprocessConfig,
+                    scenes: Iterable[str] | None, dask_address: str | None, workers: int | None
+                    ) -> list[SceneSummary]:
     raw_dir, store_path = Path(raw_dir).resolve(), Path(store_path).resolve()
-    listing, cfg = prepare_store(dataset, raw_dir, store_path, cfg, scenes)
+    listing, cfg = pipeline.prepare_store(dataset, raw_dir, store_path, cfg, scenes)
     summaries: dict[str, SceneSummary] = {}
     with SceneCluster(dask_address, workers, len(listing)) as cluster:
         embeddings = embed_run_captions(dataset, listing, cfg)

@@ -66,10 +66,11 @@ def test_skip_complete_reports_a_scene_written_before(synthetic_scannet, tmp_pat
     store = str(tmp_path / "s.zarr")
     listing, cfg = pf.prepare_store.fn("scannet", str(synthetic_scannet), store, scenes=[first],
                                        captions="none", region_captions="none")
-    assert list(listing) == [first] and pf.skip_complete(store, listing) == {}
+    assert list(listing) == [first]
+    assert pf.skip_complete(store, listing, "scannet", str(synthetic_scannet), cfg) == {}
     summary = preprocess_scannet_scene(synthetic_scannet, first, store, cfg, listing[first])
     assert summary.status == "written" and summary.points > 0 and summary.frames_kept > 0
-    skipped = pf.skip_complete(store, listing)[first]
+    skipped = pf.skip_complete(store, listing, "scannet", str(synthetic_scannet), cfg)[first]
     assert skipped.status == "skipped"
     assert (skipped.points, skipped.frames_kept) == (summary.points, summary.frames_kept)
 
@@ -100,12 +101,13 @@ def test_embed_captions_task_embeds_every_text_of_the_run_once(synthetic_scannet
         assert pf.embed_captions.fn("scannet", list(listing), none) is None
 
 
-def test_download_task_fetches_over_http_and_retries_with_backoff(synthetic_scannet, tmp_path):
+def test_download_task_fetches_over_http_and_retries_with_backoff(synthetic_scannet, tmp_path, monkeypatch):
     assert pf.download.retries == 3 and pf.download.retry_delay_seconds == [2, 4, 8]
     first = scene_ids(synthetic_scannet)[0]
     raw = tmp_path / "raw"
     with serve_directory(Path(synthetic_scannet)) as url:
-        assert pf.download.fn("scannet", str(raw), url=url, scenes=[first]) == str(raw)
+        monkeypatch.setenv("XMASK3D_SCANNET_URL", url)  # the URL is never a parameter
+        assert pf.download.fn("scannet", str(raw), url_from="env", scenes=[first]) == str(raw)
     source = Path(synthetic_scannet) / "scans" / first / f"{first}.sens"
     assert (raw / "scans" / first / f"{first}.sens").read_bytes() == source.read_bytes()
     assert scene_ids(raw) == [first]
