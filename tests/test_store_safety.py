@@ -67,7 +67,7 @@ except InputError as error:
 # a whole run (store lock, prepare_store, Dask LocalCluster); optionally stop after prepare_store
 RUN_SCRIPT = PAUSE + """
 from storage.errors import InputError
-from preprocessing import pipeline
+from preprocessing import pipeline, run
 raw, store, scene, wait, ready, go = sys.argv[1:7]
 if ready != "-":
     prepare = pipeline.prepare_store
@@ -77,7 +77,7 @@ if ready != "-":
         return out
     pipeline.prepare_store = prepare_then_wait
 try:
-    summaries = pipeline.run_preprocess("scannet", Path(raw), Path(store), pipeline.PreprocessConfig(
+    summaries = run.run_preprocess("scannet", Path(raw), Path(store), pipeline.PreprocessConfig(
         captions=None, show_progress=False), scenes=[scene], workers=1, lock_wait_s=float(wait))
 except InputError as error:
     print(error)
