@@ -50,8 +50,8 @@ from preprocessing.pipeline import PreprocessConfig, preprocess_scannet_scene
 raw, store, scene, ready, go = sys.argv[1:6]
 if ready != "-":
     added = SceneWriter.add_frame
-    def add_then_wait(self, color, depth):
-        added(self, color, depth)
+    def add_then_wait(self, color, depth, labels=None):
+        added(self, color, depth, labels)
         if self._frames["count"] == 3:
             self._flush_frames()
             pause(ready, go)
