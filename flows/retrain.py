@@ -25,7 +25,7 @@ def retrain(
     dataset: str = "scannet",
     raw_dir: str = "data/raw/scannet",
     store: str = "data/scannet.zarr",
-    url: str | None = None,
+    url_from: str | None = None,
     mirror: str | None = None,
     benchmark: str = "scannet20-b15n4",
     preset: str = "tiny",
@@ -37,7 +37,7 @@ def retrain(
 ) -> dict[str, Any]:
     """-> the new model version, its run id and metrics, and whether it became the champion."""
     logger = get_run_logger()
-    preprocess(dataset=dataset, raw_dir=raw_dir, store=store, url=url, mirror=mirror,
+    preprocess(dataset=dataset, raw_dir=raw_dir, store=store, url_from=url_from, mirror=mirror,
                dask_address=dask_address, workers=workers)
     store_path = str(as_path(store).expanduser().resolve())
     refs = train(store=store_path, benchmark=benchmark, preset=preset, train_config=train_config,

@@ -47,6 +47,7 @@ IGNORE = 255
 OFFICIAL_MIN_POINTS = 400  # a view is valid with min_points < visible points < max_points
 OFFICIAL_MAX_POINTS = 65000
 MAX_DRAWS = 64
+VOXEL_SHIFT = 100  # training augmentation: voxel coordinates += an integer in [0, 100) per axis
 
 
 def scene_labels(scene: Scene, benchmark: Benchmark) -> np.ndarray:
@@ -84,6 +85,14 @@ def random_rotate_scale(coord: np.ndarray, rng: np.random.Generator) -> np.ndarr
     for k in rng.permutation(3):
         rot = rot @ mats[k]
     return (coord @ (rot * rng.uniform(0.9, 1.1)).T).astype(np.float32)
+
+
+def random_voxel_shift(voxel_coord: np.ndarray, rng: np.random.Generator,
+                       high: int = VOXEL_SHIFT) -> np.ndarray:
+    """The official training shift (``coords[:, 1:4] += (torch.rand(3) * 100)``): one random
+    integer offset in [0, high) per axis added to every voxel of the sample, so the grid's
+    alignment with the UNet's stride-2 levels changes from sample to sample."""
+    return (voxel_coord + rng.integers(0, high, size=3)).astype(np.int32)
 
 
 @dataclass
@@ -233,6 +242,8 @@ class SceneViewDataset(Dataset):
         color = handle.arrays["points/rgb"].oindex[read.point].astype(np.float32) / 127.5 - 1.0
         vox_in = random_rotate_scale(coord, rng) if self.augment else coord
         voxel_coord, first, inverse = voxelize(vox_in, self.voxel_size)
+        if self.augment and self.mode == "train":
+            voxel_coord = random_voxel_shift(voxel_coord, rng)
         label = read.label
         image = handle.arrays["frames/color"][view]
         label_2d = handle.label_image(view)

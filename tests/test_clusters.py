@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from distributed import LocalCluster
 
-from flows.clusters import ClusterSpec, cluster_class, cluster_client
+from preprocessing.clusters import ClusterSpec, cluster_class, cluster_client
 from storage.errors import InputError
 
 

@@ -17,6 +17,11 @@ URL (the same relative layout as the raw directory, so a local mirror directory 
 The split lists are optional on the server: when it hosts ``scannetv2_{train,val,test}.txt`` they
 are downloaded and used (as in the raw directory, where they win), otherwise the official lists
 shipped with the package choose the scenes of ``--split`` (``preprocessing.scannet.splits``).
+
+The URL holds a personal token: messages show only its scheme and host (``storage.redact``), and
+the Prefect flow reads it from the environment or a Secret block, never from a parameter.
+Every file is verified before it takes its final name (type, size, checksum when known:
+``preprocessing.download``); ``verify=True`` re-checks the files already on disk.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 from preprocessing.download import RetryPolicy, check_source, fetch, fetch_all
 from preprocessing.scannet.splits import SCENE_ID, SPLIT_FILES, split_lists
+from preprocessing.verify import read_checksum_file
 from storage.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -66,13 +72,16 @@ def _fetch_if_hosted(base: str | Path, relative: str, out_dir: Path, policy: Ret
 
 def download_scannet(out_dir: Path, url: str | None = None, mirror: Path | None = None,
                      scenes: list[str] | None = None, split: str | None = None, workers: int = 4,
-                     policy: RetryPolicy = RetryPolicy()) -> list[Path]:
+                     policy: RetryPolicy = RetryPolicy(), checksums: Path | None = None,
+                     verify: bool = False) -> list[Path]:
     """Download the label TSV, the split lists the server hosts and the per-scene files into ``out_dir``.
 
     Scenes: ``scenes`` if given, else the ``split`` list (``train``/``val``/``test``), else train
     and val; those lists come from the server when it hosts them, else the packaged official ones
     (given scenes are placed under scans/ or scans_test/ by the lists in ``out_dir`` or the packaged ones).
-    Complete files are skipped, so a rerun resumes an interrupted download. Returns every path.
+    Complete files are skipped, so a rerun resumes an interrupted download. ``checksums``: a
+    ``sha256sum``-format file of relative paths; ``verify``: re-check files already on disk against
+    the source (size, checksum) and fetch again those that fail. Returns every path.
     """
     if url is None and mirror is None:
         url = os.environ.get(URL_ENV) or None
@@ -87,7 +96,8 @@ def download_scannet(out_dir: Path, url: str | None = None, mirror: Path | None 
         raise InputError(f"not a ScanNet scene id: {bad[0]!r} (expected e.g. scene0000_00)")
     base = check_source(url if url is not None else Path(mirror))
     out_dir = Path(out_dir)
-    top = [fetch(base, name, out_dir, policy) for name in TOP_FILES]
+    sums = read_checksum_file(checksums) if checksums is not None else None
+    top = [fetch(base, name, out_dir, policy, checksums=sums, verify=verify) for name in TOP_FILES]
     hosted: list[Path] = []
     if scenes is None:  # the scenes of a split: the server's lists when it hosts them
         hosted = [p for name in SPLIT_FILES.values() if (p := _fetch_if_hosted(base, name, out_dir, policy))]
@@ -97,4 +107,5 @@ def download_scannet(out_dir: Path, url: str | None = None, mirror: Path | None 
         wanted = [split] if split else ["train", "val"]
         scenes = [s for s, k in scene_split.items() if k in wanted]
     relatives = [rel for scene in scenes for rel in scene_files(scene, scene_split.get(scene))]
-    return top + hosted + fetch_all(base, relatives, out_dir, workers=workers, policy=policy, desc="scannet")
+    return top + hosted + fetch_all(base, relatives, out_dir, workers=workers, policy=policy, desc="scannet",
+                                    checksums=sums, verify=verify)

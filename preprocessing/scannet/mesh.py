@@ -95,6 +95,9 @@ def _label_table(path: str, mtime_ns: int) -> dict[str, int]:
             rows = list(csv.DictReader(f, delimiter="\t"))
     except FileNotFoundError as error:
         raise InputError(f"{path}: label TSV not found") from error
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                         f"{error.start}); save the label TSV as UTF-8") from None
     if not rows or not {"id", "raw_category"} <= set(rows[0]):
         raise InputError(f"{path}: not a ScanNet label TSV (needs columns id and raw_category)")
     table = {}
@@ -122,6 +125,9 @@ def read_axis_alignment(path: Path) -> np.ndarray:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError as error:
         raise InputError(f"{path}: scene metadata file not found") from error
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                         f"{error.start})") from None
     for line in lines:
         key, _, value = line.partition("=")
         if key.strip() == "axisAlignment":

@@ -1,8 +1,9 @@
 """Dask clusters named by their class: ``"dask_jobqueue.SLURMCluster"`` + keyword arguments.
 
 HPC schedulers (SLURM, PBS, SGE, LSF, HTCondor) are Dask clusters in ``dask_jobqueue``; a cloud or
-Kubernetes cluster is another package's class. The preprocess flow takes the class as a dotted path
-(a flow parameter is a string, not a class) and its keyword arguments as a dict, so one deployment
+Kubernetes cluster is another package's class. The preprocess flow (``cluster_class``,
+``cluster_kwargs``, ``cluster_jobs``) and ``preprocessing.run`` take the class as a dotted path (a
+flow parameter is a string, not a class) and its keyword arguments as a dict, so one deployment
 runs on any of them; ``"distributed.LocalCluster"`` is the same code path on one machine (tests).
 docs/operations.md has a SLURM example.
 """
