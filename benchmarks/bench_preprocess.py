@@ -21,6 +21,7 @@ Measured, in this order, on the same data:
 
     .venv/bin/python benchmarks/bench_preprocess.py                       # 16 scenes, no captions
     .venv/bin/python benchmarks/bench_preprocess.py --captions minilm     # view + region captions
+    .venv/bin/python benchmarks/bench_preprocess.py --bucket --scenes 4 --frames 400   # store local vs S3
 """
 
 from __future__ import annotations
@@ -261,13 +262,16 @@ def ours_cold(args, raw: Path, workers: int) -> tuple[float, str]:
     return wall, found[-1].strip() if found else "?"
 
 
-def steady_in_process(raw: Path, work: Path, cfg, listing: dict[str, str], n: int) -> list[float]:
-    """Seconds per scene of the plain function in this process, after one warm-up scene."""
+def steady_in_process(raw: Path, work: Path, cfg, listing: dict[str, str], n: int,
+                      store: Path | str | None = None) -> list[float]:
+    """Seconds per scene of the plain function in this process, after one warm-up scene
+    (into ``store`` when given: a fresh bucket URL; else a fresh local store under ``work``)."""
     from preprocessing.pipeline import prepare_store, preprocess_scannet_scene
     from preprocessing.run import embed_run_captions
 
-    store = work / "inprocess.zarr"
-    shutil.rmtree(store, ignore_errors=True)
+    if store is None:
+        store = work / "inprocess.zarr"
+        shutil.rmtree(store, ignore_errors=True)
     ids = list(listing)[: n + 1]
     listing, cfg = prepare_store("scannet", raw, store, cfg, ids)
     table = embed_run_captions("scannet", ids, cfg)
@@ -307,6 +311,25 @@ def steady_in_workers(raw: Path, work: Path, cfg, workers: int) -> dict:
             "heavy": heavy, "caption_s": caption_s, "texts": len(table.texts) if table else 0}
 
 
+def bucket_vs_local(raw: Path, args: argparse.Namespace, cfg, listing: dict[str, str]) -> None:
+    """The plain per-scene function into a local store and into a bucket (moto on 127.0.0.1), same scenes."""
+    import boto3
+
+    from tests.servers import s3_environment, start_moto, stop
+
+    proc, endpoint = start_moto(args.work / "moto.log")
+    os.environ.update(s3_environment(endpoint, args.work))
+    boto3.client("s3").create_bucket(Bucket="xmask3d-bench-preprocess")
+    try:
+        for rep in range(2):
+            for where, store in (("local", None), ("bucket", f"s3://xmask3d-bench-preprocess/run{rep}.zarr")):
+                times = steady_in_process(raw, args.work, cfg, listing, args.in_process_scenes, store)
+                print(f"run {rep} {where:6s}: {np.median(times):.2f} s per scene (median of {len(times)} "
+                      f"after a warm-up: {', '.join(f'{t:.2f}' for t in times)}); load {load()}", flush=True)
+    finally:
+        stop(proc)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenes", type=int, default=16)
@@ -324,6 +347,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reference-only", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--ref-scenes", help=argparse.SUPPRESS)
+    ap.add_argument("--bucket", action="store_true",
+                    help="only: the in-process steady state into a local store vs into an S3 bucket (moto)")
     args = ap.parse_args()
     if args.reference_only:
         run_reference(args.reference_only, args.work / "reference", args.ref_scenes.split(","),
@@ -342,6 +367,12 @@ def main() -> None:
         with open(p, "rb") as f:
             while f.read(1 << 24):
                 pass
+    if args.bucket:
+        from preprocessing.pipeline import PreprocessConfig
+
+        cfg = PreprocessConfig(frame_step=args.frame_step, show_progress=False)
+        bucket_vs_local(raw, args, cfg, {s: "train" for s in scene_ids})
+        return
 
     cold, stages = ours_cold(args, raw, args.workers)
     print(f"ours cold end to end ({args.workers} workers): {cold:.1f} s; stages: {stages}; load {load()}",
