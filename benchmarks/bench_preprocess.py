@@ -37,6 +37,7 @@ import struct
 import subprocess
 import sys
 import time
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def load() -> str:
 def build_data(work: Path, scenes: int, base_scenes: int, frames: int, seed: int) -> Path:
     """``scenes`` real-size scenes: ``base_scenes`` generated ones, each ``.sens`` lengthened to
     ``frames`` frames (its frames repeated in order), then hard-linked under new scene ids."""
+    from preprocessing.scannet.labels2d import LABEL_ZIP_SUFFIX, MEMBER
     from preprocessing.scannet.sens import SensReader
     from preprocessing.synthetic import write_scannet
 
@@ -88,6 +90,15 @@ def build_data(work: Path, scenes: int, base_scenes: int, frames: int, seed: int
                     f.write(chunks[k % len(chunks)])
             target.with_suffix(".tmp").rename(target)
         n = reader.num_frames
+        labels = long / f"{scene_id}{LABEL_ZIP_SUFFIX}"
+        if not labels.is_file():  # the 2D label images, one per frame of the lengthened .sens
+            with zipfile.ZipFile(base / "scans" / scene_id / labels.name) as src:
+                pngs = {int(m.group(1)): src.read(name) for name in src.namelist()
+                        if (m := MEMBER.fullmatch(name))}
+            with zipfile.ZipFile(labels.with_suffix(".tmp"), "w", zipfile.ZIP_STORED) as dst:
+                for k in range(frames):
+                    dst.writestr(f"label-filt/{k}.png", pngs[k % n])
+            labels.with_suffix(".tmp").rename(labels)
         long_caps[scene_id] = {str(k): captions[scene_id][str(k % n)] for k in range(frames)
                                if str(k % n) in captions[scene_id]}
         scene_regions = regions["scenes"][scene_id]
@@ -104,7 +115,8 @@ def build_data(work: Path, scenes: int, base_scenes: int, frames: int, seed: int
         scene_dir.mkdir()
         for path in (base / "scans" / source).iterdir():
             name = path.name.replace(source, scene_id)
-            os.link(long / f"{source}.sens" if path.suffix == ".sens" else path, scene_dir / name)
+            lengthened = long / path.name
+            os.link(lengthened if path.suffix in (".sens", ".zip") else path, scene_dir / name)
         all_caps[scene_id] = long_caps[source]
         all_regions[scene_id] = long_regions[source]
     n_val = max(1, scenes // 4)
