@@ -2,7 +2,8 @@
 
 The task wraps ``xmask3d.evaluate.evaluate``, which also logs the metrics, per-class tables, charts
 and PLY exports to MLflow (a run nested under the model's training run). The flow returns the
-metrics and publishes them as a table artifact.
+metrics and publishes them as a table artifact. Asked for ``models:/NAME@champion`` when no version
+has been promoted yet, it evaluates the newest version instead and says so in the log.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+
+from xmask3d.tracking import champion_or_newest
 
 
 @task(name="evaluate-model", task_run_name="evaluate-{benchmark}", cache_policy=NO_CACHE)
@@ -24,13 +27,17 @@ def evaluate_model(store: str, benchmark: str, model: str, tracking_uri: str | N
     return {"metrics": dict(evaluation.metrics), "run_id": evaluation.run_id, "table": evaluation.table()}
 
 
-@flow(name="evaluate", description="Evaluate an XMask3D model: mIoU base / novel / hIoU per head.")
+@flow(name="evaluate", description="Evaluate an XMask3D model: mIoU base / novel / hIoU per head.",
+      persist_result=True)  # the result is read back by `retrain` when it runs this as a deployment
 def evaluate(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4",
              model: str = "models:/xmask3d-scannet20-b15n4@champion", tracking_uri: str | None = None,
              max_views: int = 0) -> dict[str, float]:
     """Evaluate one model on the validation scenes of the store; -> metrics ("<head>/<metric>")."""
     logger = get_run_logger()
     store_path = str(Path(store).expanduser().resolve())
+    model, note = champion_or_newest(tracking_uri, model)
+    if note:
+        logger.warning(note)
     result = evaluate_model(store_path, benchmark, model, tracking_uri, max_views)
     metrics = result["metrics"]
     logger.info("%s on %s (MLflow run %s):\n%s", model, benchmark, result["run_id"], result["table"])

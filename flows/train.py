@@ -2,8 +2,10 @@
 
 The task wraps ``xmask3d.train.train``: it trains, evaluates on the store's validation scenes,
 logs everything to MLflow and registers a new model version (alias ``candidate``). The flow then
-moves the alias ``champion`` to that version if its hIoU beats the current champion's (as
-``xmask3d train`` does), unless ``promote=False``. Results are MLflow references and metrics.
+applies the promotion rule (``xmask3d.tracking.promote_if_better``, docs/training.md): the alias
+``champion`` moves to the version only if it beats the majority-class baseline and the current
+champion on the primary metric (as ``xmask3d train`` does), unless ``promote_champion=False``.
+Results are MLflow references, metrics and the promotion decision.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-HIOU = "fused/hiou"  # the number models are compared by
+from xmask3d.tracking import Promotion, promote_if_better
 
 
 @task(name="train-model", task_run_name="train-{benchmark}-{preset}", cache_policy=NO_CACHE)
@@ -34,14 +36,13 @@ def train_model(store: str, benchmark: str, preset: str = "tiny", train_config: 
 
 
 @task(name="promote-if-better", task_run_name="promote-{benchmark}-v{version}", cache_policy=NO_CACHE)
-def promote(tracking_uri: str | None, benchmark: str, version: str, hiou: float) -> bool:
-    """Move the ``champion`` alias to ``version`` if its hIoU beats the champion's; True if moved."""
-    from xmask3d.tracking import promote_if_better
-
-    return promote_if_better(tracking_uri, benchmark, version, hiou)
+def promote(tracking_uri: str | None, benchmark: str, version: str, metrics: dict[str, float]) -> Promotion:
+    """Apply the promotion rule to ``version`` evaluated as ``metrics``; the decision and why."""
+    return promote_if_better(tracking_uri, benchmark, version, metrics)
 
 
-@flow(name="train", description="Train XMask3D on one benchmark; tracked and registered in MLflow.")
+@flow(name="train", description="Train XMask3D on one benchmark; tracked and registered in MLflow.",
+      persist_result=True)  # the result is read back by `retrain` when it runs this as a deployment
 def train(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4", preset: str = "tiny",
           train_config: dict[str, Any] | None = None, tracking_uri: str | None = None,
           resume: str | None = None, sd_dir: str | None = None, clip_checkpoint: str | None = None,
@@ -55,12 +56,12 @@ def train(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4", 
     store_path = str(Path(store).expanduser().resolve())
     refs = train_model(store_path, benchmark, preset, train_config, tracking_uri, resume, sd_dir,
                        clip_checkpoint, caption_supervision)
-    refs["promoted"] = False
-    if promote_champion and refs["model_version"] is not None and HIOU in refs["metrics"]:
-        refs["promoted"] = promote(tracking_uri, benchmark, refs["model_version"], refs["metrics"][HIOU])
-    logger.info("trained %s (%s): MLflow run %s, model %s, %s %.4f%s", benchmark, preset, refs["run_id"],
-                refs["model_uri"], HIOU, refs["metrics"].get(HIOU, float("nan")),
-                " (now champion)" if refs["promoted"] else "")
+    refs["promoted"], refs["promotion"] = False, None
+    if promote_champion and refs["model_version"] is not None:
+        decision = promote(tracking_uri, benchmark, refs["model_version"], refs["metrics"])
+        refs["promoted"], refs["promotion"] = decision.promoted, decision.summary()
+    logger.info("trained %s (%s): MLflow run %s, model %s%s", benchmark, preset, refs["run_id"],
+                refs["model_uri"], f"; {refs['promotion']}" if refs["promotion"] else "")
     rows = [f"| {k} | `{v}` |" for k, v in refs.items() if k != "metrics"]
     rows += [f"| {k} | {v:.4f} |" for k, v in sorted(refs["metrics"].items())]
     create_markdown_artifact("\n".join([f"# train {benchmark} ({preset})", "", "| | |", "|---|---|", *rows]),

@@ -259,12 +259,11 @@ def train(
         return
     if result.evaluation is not None:
         typer.echo(result.evaluation.table())
-    promoted = False
-    if result.model_version is not None and "fused/hiou" in result.metrics:
-        hiou = result.metrics["fused/hiou"]
-        promoted = promote_if_better(tracking_uri, benchmark, result.model_version, hiou)
+    decision = None
+    if result.model_version is not None:
+        decision = promote_if_better(tracking_uri, benchmark, result.model_version, result.metrics)
     typer.echo(f"MLflow run {result.run_id}; checkpoint {result.checkpoint_path}; model {result.model_uri}"
-               + (" (now champion)" if promoted else ""))
+               + (f"; {decision.summary()}" if decision else ""))
 
 
 @app.command()
