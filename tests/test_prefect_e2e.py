@@ -37,9 +37,10 @@ SCENES = ["scene0000_00", "scene0001_00"]
 POOLS = ("cpu", "gpu")
 POOL_OF = {"preprocess": "cpu", "retrain": "cpu", "train": "gpu", "evaluate": "gpu", "ablate": "gpu"}
 MODEL = "xmask3d-scannet20-b15n4"
-# A model that clears the promotion rule on the 3-scene synthetic data (hIoU > 0, mIoU over all
-# classes above the majority-class baseline), and one that cannot: the random init (lr 0, one step).
-GOOD_TRAIN = {"train_config": {"max_steps": 48}, "caption_supervision": "region"}
+# A model that clears the promotion rule on the 3-scene synthetic data (24 steps with region
+# captions: fused mIoU over all classes 6.1 % against the majority-class baseline's 4.5 %), and one
+# that cannot: the random init (lr 0, one step: 0.6 %).
+GOOD_TRAIN = {"train_config": {"max_steps": 24}, "caption_supervision": "region"}
 WORSE_TRAIN = {"max_steps": 1, "lr_3d": 0.0, "lr_other": 0.0}
 
 

@@ -97,7 +97,8 @@ def test_primary_metric_is_hiou_only_with_novel_classes_in_the_evaluation():
     # mIoU over all classes 0.0 against a 4.1 % majority-class baseline: never promoted
     (_metrics(0.0, miou_all=0.0, baseline_all=0.041), None, False, "not above the majority-class baseline"),
     (_metrics(0.3, miou_all=0.04, baseline_all=0.041), None, False, "fused/miou_all 0.0400 <= 0.0410"),
-    (_metrics(0.0), None, False, "fused/hiou 0.0000 <= 0.0000"),  # hIoU 0 = the baseline's
+    (_metrics(0.0), None, True, "no champion yet"),  # hIoU 0 (the baseline's, by construction) but above it
+    (_metrics(0.0), {"fused/hiou": "0.0"}, False, "not better than champion version 1: fused/hiou 0.0000 <="),
     (_metrics(0.3), {"fused/hiou": "0.4"}, False, "not better than champion version 1: fused/hiou"),
     (_metrics(0.3), {"fused/hiou": "0.3"}, False, "not better than champion version 1"),
     (_metrics(0.5), {"fused/hiou": "0.4"}, True, "beats champion version 1: fused/hiou 0.5000 > 0.4000"),

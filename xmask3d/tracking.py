@@ -305,26 +305,27 @@ def promotion_verdict(metrics: Mapping[str, float], champion: Mapping[str, float
     """The rule, without MLflow: -> (promote?, primary metric, reason).
 
     A model is promoted only when (1) its primary metric and fused mIoU over all classes are
-    finite, (2) it beats the majority-class baseline of the same evaluation on both, and (3) it
-    beats the champion's recorded value of the primary metric (``champion``: metric -> value;
-    None when there is no champion; a champion without a finite value for the metric is beaten).
+    finite, (2) its mIoU over all classes beats the majority-class baseline of the same evaluation
+    (the baseline never predicts a novel class, so its hIoU is 0 by construction: mIoU over all
+    classes is where a constant prediction scores), and (3) it beats the champion's recorded
+    value of the primary metric (``champion``: metric -> value; None when there is no champion; a
+    champion without a finite value for the metric is beaten).
     """
     metric = primary_metric(metrics)
-    suffix = metric.split("/", 1)[1]
     value, miou_all = _value(metrics, metric), _value(metrics, f"{PRIMARY_HEAD}/miou_all")
     bad = [f"{k}={v}" for k, v in ((metric, value), (f"{PRIMARY_HEAD}/miou_all", miou_all))
            if not math.isfinite(v)]
     if bad:
         return False, metric, "metrics not finite: " + ", ".join(dict.fromkeys(bad))
-    for key, mine in dict.fromkeys([(suffix, value), ("miou_all", miou_all)]):
-        floor = _value(metrics, f"baseline/{key}")
-        if not math.isfinite(floor):
-            return False, metric, f"no majority-class baseline/{key} in the evaluation"
-        if mine <= floor:
-            return False, metric, (f"not above the majority-class baseline: {PRIMARY_HEAD}/{key} "
-                                   f"{mine:.4f} <= {floor:.4f}")
+    floor = _value(metrics, "baseline/miou_all")
+    if not math.isfinite(floor):
+        return False, metric, "no majority-class baseline/miou_all in the evaluation"
+    if miou_all <= floor:
+        return False, metric, (f"not above the majority-class baseline: {PRIMARY_HEAD}/miou_all "
+                               f"{miou_all:.4f} <= {floor:.4f}")
     if champion is None:
-        return True, metric, f"no champion yet; {metric} {value:.4f} beats the majority-class baseline"
+        return True, metric, (f"no champion yet; {PRIMARY_HEAD}/miou_all {miou_all:.4f} beats the "
+                              f"majority-class baseline {floor:.4f}; {metric} {value:.4f}")
     theirs = _value(champion, metric)
     if not math.isfinite(theirs):
         return True, metric, f"champion version {champion_version} has no finite {metric}"
