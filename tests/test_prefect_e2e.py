@@ -73,10 +73,16 @@ class PrefectStack:
         return response.json()
 
     def logs(self, flow_run_id: str) -> list[str]:
-        response = self.http.post("/logs/filter", json={
-            "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 1000})
-        response.raise_for_status()
-        return [entry["message"] for entry in response.json()]
+        messages: list[str] = []
+        while True:  # the API answers at most 200 entries per request
+            response = self.http.post("/logs/filter", json={
+                "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200,
+                "offset": len(messages)})
+            response.raise_for_status()
+            page = [entry["message"] for entry in response.json()]
+            messages += page
+            if len(page) < 200:
+                return messages
 
     def artifact(self, flow_run_id: str, key: str) -> dict:
         response = self.http.post("/artifacts/filter", json={
