@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.model.synthetic_batch import make_batch  # noqa: E402
-from xmask3d.losses import compute_losses  # noqa: E402
-from xmask3d.model import build_model, parameter_groups  # noqa: E402
+from xmask3d.network.losses import compute_losses  # noqa: E402
+from xmask3d.network.model import build_model, parameter_groups  # noqa: E402
 
 TARGET_S = 2.0
 TEXT_DIM = 384  # MiniLM, the tiny preset's text space

@@ -28,15 +28,23 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
+from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.tasks import exponential_backoff
 from prefect_dask import DaskTaskRunner
 
 from preprocessing import pipeline
+from preprocessing.captions import resolve_captions, resolve_region_captions
+from preprocessing.s3dis.download import URL_ENV as S3DIS_URL_ENV
+from preprocessing.s3dis.download import download_s3dis
+from preprocessing.s3dis.views import view_captions
+from preprocessing.scannet.download import URL_ENV as SCANNET_URL_ENV
+from preprocessing.scannet.download import download_scannet
 from storage.errors import InputError
-from storage.store import open_store
+from storage.store import open_store, store_lock
 
 DATASETS = ("scannet", "s3dis")
 
@@ -49,22 +57,57 @@ class ScenesFailedError(RuntimeError):
         self.summaries = list(summaries or [])
 
 
-@task(name="download", task_run_name="download-{dataset}", retries=3, cache_policy=NO_CACHE,
-      retry_delay_seconds=exponential_backoff(2))
-def download(dataset: str, raw_dir: str, url: str | None = None, mirror: str | None = None,
-             scenes: list[str] | None = None) -> str:
-    """Fetch the raw files into ``raw_dir`` (complete files are kept, so a retry resumes); -> raw_dir."""
-    if dataset == "scannet":
-        from preprocessing.scannet.download import download_scannet
-
-        download_scannet(Path(raw_dir), url=url, mirror=Path(mirror) if mirror else None, scenes=scenes)
-        return raw_dir
+def _not_input_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed download unless it failed on bad input (a 404, a web page, a refused URL)."""
     try:
-        from preprocessing.s3dis.download import download_s3dis
-    except ImportError as error:
-        raise InputError("no S3DIS downloader in this version: put Stanford3dDataset_v1.2 under raw_dir "
-                         "and run without url/mirror") from error
-    download_s3dis(Path(raw_dir), url=url, mirror=Path(mirror) if mirror else None)
+        state.result()
+    except InputError:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure is worth a retry
+        return True
+    return True
+
+
+def download_url(dataset: str, url_from: str) -> str:
+    """The personal download URL, read where ``url_from`` says: ``env`` or ``secret:<block name>``.
+
+    ``env`` reads ``XMASK3D_SCANNET_URL`` / ``XMASK3D_S3DIS_URL`` of the process running the flow
+    (a worker passes its environment on); ``secret:NAME`` reads the Prefect Secret block NAME. The
+    URL itself is never a flow parameter: parameters are stored in Prefect's database and shown in
+    its UI. Messages never repeat it.
+    """
+    variable = {"scannet": SCANNET_URL_ENV, "s3dis": S3DIS_URL_ENV}[dataset]
+    if url_from == "env":
+        url = os.environ.get(variable, "")
+        if not url:
+            raise InputError(f"url_from='env' but ${variable} is not set where the flow runs")
+        return url
+    if url_from.startswith("secret:") and url_from.removeprefix("secret:"):
+        name = url_from.removeprefix("secret:")
+        try:
+            return str(Secret.load(name).get())
+        except ValueError:
+            raise InputError(f"no Prefect Secret block named {name!r} (create it: see docs/operations.md)") \
+                from None
+    raise InputError("url_from must be 'env' or 'secret:<block name>' (the URL itself is never a "
+                     "parameter: put it in $" + variable + " or a Secret block)")
+
+
+@task(name="download", task_run_name="download-{dataset}", retries=3, cache_policy=NO_CACHE,
+      retry_delay_seconds=exponential_backoff(2), retry_condition_fn=_not_input_error)
+def download(dataset: str, raw_dir: str, url_from: str | None = None, mirror: str | None = None,
+             scenes: list[str] | None = None, verify: bool = False) -> str:
+    """Fetch the raw files into ``raw_dir`` (complete files are kept, so a retry resumes); -> raw_dir.
+
+    The URL is resolved here from ``url_from`` (``download_url``), so it never passes through
+    Prefect as a parameter or a result. ``verify`` re-checks files already on disk.
+    """
+    url = download_url(dataset, url_from) if url_from else None
+    source = {"url": url, "mirror": Path(mirror) if mirror else None, "verify": verify}
+    if dataset == "scannet":
+        download_scannet(Path(raw_dir), scenes=scenes, **source)
+    else:
+        download_s3dis(Path(raw_dir), **source)
     return raw_dir
 
 
@@ -84,12 +127,11 @@ def prepare_store(dataset: str, raw_dir: str, store: str, scenes: list[str] | No
     if not raw.is_dir():
         raise InputError(f"raw dir {raw} does not exist")
     if dataset == "s3dis":  # S3DIS captions belong to the 2D-3D-S views (default: VIEWS/captions.json)
-        from preprocessing.s3dis.views import view_captions
 
         caption_file = view_captions(Path(views), captions) if views else None
     else:
-        caption_file = pipeline.resolve_captions(raw, captions)
-    region_file = pipeline.resolve_region_captions(raw, region_captions) if dataset == "scannet" else None
+        caption_file = resolve_captions(raw, captions)
+    region_file = resolve_region_captions(raw, region_captions) if dataset == "scannet" else None
     cfg = pipeline.PreprocessConfig(frame_step=frame_step, overwrite=overwrite, text_encoder=text_encoder,
                                     captions=caption_file, views=Path(views) if views else None,
                                     region_captions=region_file)
@@ -133,7 +175,6 @@ def api_shared_with_workers() -> Iterator[None]:
     if get_current_settings().api.url:
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the running ephemeral server of this process
     if not server.running:
@@ -152,16 +193,16 @@ def _dropped_text(dropped: dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items()) if n) or "none"
 
 
-def skip_complete(store: str, listing: dict[str, str]) -> dict[str, pipeline.SceneSummary]:
-    """Summaries of the scenes already complete in the store (the store is the cache)."""
+def skip_complete(store: str, listing: dict[str, str], dataset: str, raw_dir: str,
+                  cfg: pipeline.PreprocessConfig) -> dict[str, pipeline.SceneSummary]:
+    """Summaries of the scenes complete in the store with this run's settings (the store is the cache)."""
     opened = open_store(store)
     done = {}
-    for scene_id in listing:
-        if opened.is_complete(scene_id):
-            scene = opened.scene(scene_id)
-            done[scene_id] = pipeline.SceneSummary(
-                scene_id, "skipped", points=scene.num_points, frames_kept=scene.num_frames,
-                frames_dropped=dict(scene.attrs.get("dropped_frames") or {}))
+    for scene_id in pipeline.complete_scenes(dataset, Path(raw_dir), Path(store), listing, cfg):
+        scene = opened.scene(scene_id)
+        done[scene_id] = pipeline.SceneSummary(
+            scene_id, "skipped", points=scene.num_points, frames_kept=scene.num_frames,
+            frames_dropped=dict(scene.attrs.get("dropped_frames") or {}))
     return done
 
 
@@ -173,7 +214,7 @@ def run_scenes(dataset: str, raw_dir: str, store: str, listing: dict[str, str],
     A scene whose task fails gets a ``failed`` summary naming the error; the others carry on.
     """
     logger = get_run_logger()
-    summaries = {} if cfg.overwrite else skip_complete(store, listing)
+    summaries = {} if cfg.overwrite else skip_complete(store, listing, dataset, raw_dir, cfg)
     for scene_id in summaries:
         logger.info("skipped scene %s (complete in store)", scene_id)
     todo = [s for s in listing if s not in summaries]
@@ -239,8 +280,9 @@ def preprocess(
     dataset: str = "scannet",
     raw_dir: str = "data/raw/scannet",
     store: str = "data/scannet.zarr",
-    url: str | None = None,
+    url_from: str | None = None,
     mirror: str | None = None,
+    verify_download: bool = False,
     scenes: list[str] | None = None,
     frame_step: int = 20,
     captions: str | None = None,
@@ -251,7 +293,11 @@ def preprocess(
     views: str | None = None,
     region_captions: str | None = None,
 ) -> list[pipeline.SceneSummary]:
-    """Download (when ``url`` or ``mirror`` is given), then preprocess every scene; -> one summary each.
+    """Download (when ``url_from`` or ``mirror`` is given), then preprocess every scene; -> one summary each.
+
+    ``url_from``: where the personal download URL is read, ``env`` (``$XMASK3D_SCANNET_URL`` /
+    ``$XMASK3D_S3DIS_URL``) or ``secret:<Prefect Secret block>``; ``verify_download`` re-checks the
+    raw files already on disk against the source.
 
     Relative paths are resolved against the working directory of the flow run. Raises InputError
     on bad input (the run's state message) and ScenesFailedError, after the other scenes are
@@ -263,14 +309,15 @@ def preprocess(
         raise InputError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     raw = str(Path(raw_dir).expanduser().resolve())
     out = str(Path(store).expanduser().resolve())
-    if url or mirror:
-        download(dataset, raw, url=url, mirror=mirror, scenes=scenes)
+    if url_from or mirror:
+        download(dataset, raw, url_from=url_from, mirror=mirror, scenes=scenes, verify=verify_download)
         logger.info("raw %s files in %s", dataset, raw)
     views = str(Path(views).expanduser().resolve()) if views else None  # S3DIS: Stanford 2D-3D-S root
-    listing, cfg = prepare_store(dataset, raw, out, scenes, frame_step, captions, text_encoder, overwrite,
-                                 views, region_captions)
-    logger.info("%d %s scenes from %s into %s", len(listing), dataset, raw, out)
-    summaries = list(run_scenes(dataset, raw, out, listing, cfg, dask_address, workers).values())
+    with store_lock(out, f"preprocess {dataset} (flow)"):  # a second run fails naming this one
+        listing, cfg = prepare_store(dataset, raw, out, scenes, frame_step, captions, text_encoder, overwrite,
+                                     views, region_captions)
+        logger.info("%d %s scenes from %s into %s", len(listing), dataset, raw, out)
+        summaries = list(run_scenes(dataset, raw, out, listing, cfg, dask_address, workers).values())
     publish_report(dataset, out, summaries, time.monotonic() - start)
     logger.info("%s\n%s", out, pipeline.format_summaries(summaries))
     failed = [s for s in summaries if s.status == "failed"]

@@ -24,7 +24,7 @@ from flows.evaluate import evaluate
 from flows.preprocess import preprocess
 from flows.train import promote, train
 from storage.errors import InputError
-from xmask3d.config import PAPER_CLIP_MODEL
+from xmask3d.network.config import PAPER_CLIP_MODEL
 
 POLL_SECONDS = 2  # how often a triggered deployment's state is checked
 
@@ -61,7 +61,7 @@ def retrain(
     dataset: str = "scannet",
     raw_dir: str = "data/raw/scannet",
     store: str = "data/scannet-paper.zarr",
-    url: str | None = None,
+    url_from: str | None = None,
     mirror: str | None = None,
     benchmark: str = "scannet20-b15n4",
     preset: str = "paper",
@@ -81,7 +81,7 @@ def retrain(
     """
     logger = get_run_logger()
     text_encoder = text_encoder_for(preset, clip_checkpoint)
-    preprocess(dataset=dataset, raw_dir=raw_dir, store=store, url=url, mirror=mirror,
+    preprocess(dataset=dataset, raw_dir=raw_dir, store=store, url_from=url_from, mirror=mirror,
                text_encoder=text_encoder, dask_address=dask_address, workers=workers)
     store_path = str(Path(store).expanduser().resolve())
     weights = {k: str(Path(v).expanduser().resolve()) for k, v in

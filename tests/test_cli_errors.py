@@ -73,6 +73,6 @@ def test_an_unexpected_error_is_one_line_and_exit_1(monkeypatch, tmp_path):
 
 
 def test_the_cli_default_tracking_uri_is_the_tracking_modules():
-    from xmask3d import tracking
+    from xmask3d.engine import tracking
 
     assert cli.DEFAULT_TRACKING_URI == tracking.DEFAULT_TRACKING_URI

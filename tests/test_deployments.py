@@ -11,8 +11,8 @@ import yaml
 from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools.validation import validate
 
-from preprocessing.benchmarks import BENCHMARK_NAMES
-from xmask3d.config import PRESETS
+from storage.benchmarks import BENCHMARK_NAMES
+from xmask3d.network.config import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]

@@ -67,16 +67,17 @@ def test_preprocess_scene_task_writes_a_scene_then_skips_it(synthetic_scannet, t
     assert open_store(store).scene_ids() == [first]
     again = pf.preprocess_scene.fn("scannet", str(synthetic_scannet), first, store, cfg, listing[first])
     assert again.status == "skipped"
-    skipped = pf.skip_complete(store, listing)[first]
+    skipped = pf.skip_complete(store, listing, "scannet", str(synthetic_scannet), cfg)[first]
     assert (skipped.points, skipped.frames_kept) == (summary.points, summary.frames_kept)
 
 
-def test_download_task_fetches_over_http_and_retries_with_backoff(synthetic_scannet, tmp_path):
+def test_download_task_fetches_over_http_and_retries_with_backoff(synthetic_scannet, tmp_path, monkeypatch):
     assert pf.download.retries == 3 and pf.download.retry_delay_seconds == [2, 4, 8]
     first = scene_ids(synthetic_scannet)[0]
     raw = tmp_path / "raw"
     with serve_directory(Path(synthetic_scannet)) as url:
-        assert pf.download.fn("scannet", str(raw), url=url, scenes=[first]) == str(raw)
+        monkeypatch.setenv("XMASK3D_SCANNET_URL", url)  # the URL is never a parameter
+        assert pf.download.fn("scannet", str(raw), url_from="env", scenes=[first]) == str(raw)
     source = Path(synthetic_scannet) / "scans" / first / f"{first}.sens"
     assert (raw / "scans" / first / f"{first}.sens").read_bytes() == source.read_bytes()
     assert scene_ids(raw) == [first]
@@ -200,3 +201,31 @@ def test_retrain_in_process_keeps_a_model_below_the_baseline_candidate(prefect_a
     assert str(client.get_model_version_by_alias("xmask3d-scannet20-b15n4", "candidate").version) == "1"
     with pytest.raises(MlflowException):
         client.get_model_version_by_alias("xmask3d-scannet20-b15n4", "champion")
+
+
+@pytest.mark.slow
+def test_train_flow_progress_reaches_the_flow_run_logs(prefect_api, synthetic_store, tmp_path):
+    """Per-epoch progress and validation lines of training are in the flow run's Prefect logs
+    (what the UI shows), as plain lines without carriage returns."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.train import train as train_flow
+
+    # 2 training scenes x loop 2 / batch 2 = 2 steps = one epoch, validated after its last step
+    config = {"max_steps": 2, "loop": 2, "evaluate": False, "val_views": 2,
+              "checkpoint_dir": str(tmp_path / "ckpt")}
+    state = train_flow(store=str(synthetic_store), benchmark="scannet20-b15n4", preset="tiny",
+                       train_config=config, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                       promote_champion=False, return_state=True)
+    assert state.is_completed()
+    APILogHandler().flush()
+    run_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(run_filter)
+    messages = [entry.message for entry in logs]
+    epochs = [m for m in messages if m.startswith("epoch 1/6 step 2/2: mean loss")]
+    assert len(epochs) == 1 and "step/s" in epochs[0] and "ETA" in epochs[0]
+    assert any(m.startswith("validation at epoch 1 step 2 (2 views") for m in messages)
+    assert not any("\r" in m for m in messages)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from preprocessing.benchmarks import get_benchmark
 from preprocessing.synthetic.categories import CATEGORIES
 from preprocessing.synthetic.layout import ROOM_CYCLE, ROOM_TYPES
 from preprocessing.synthetic.scannet import val_indices
+from storage.benchmarks import get_benchmark
 
 SCANNET20 = ("scannet20-b15n4", "scannet20-b12n7", "scannet20-b10n9")
 

@@ -13,8 +13,8 @@ from mlflow import MlflowClient
 
 from storage.errors import InputError
 from tests.servers import free_port, stop, wait_healthy
-from xmask3d import plots, tracking
-from xmask3d.checkpoint import save_checkpoint
+from xmask3d.engine import plots, tracking
+from xmask3d.engine.checkpoint import save_checkpoint
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -78,7 +78,7 @@ def test_run_artifacts_and_alias_on_real_server(mlflow_server, tmp_path):
 
 
 def _metrics(hiou: float, miou_all: float = 0.2, novel: bool = True, baseline_all: float = 0.05) -> dict:
-    """Evaluation metrics as xmask3d.evaluate writes them: fused head and majority-class baseline."""
+    """Evaluation metrics as xmask3d.engine.evaluate writes them: fused head and majority-class baseline."""
     return {"fused/hiou": hiou if novel else float("nan"), "fused/miou_all": miou_all,
             "fused/miou_base": 0.3, "fused/miou_novel": 0.1 if novel else float("nan"),
             "baseline/hiou": 0.0 if novel else float("nan"), "baseline/miou_all": baseline_all,

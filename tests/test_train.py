@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 
 from storage.errors import InputError
 from tests.servers import free_port
-from xmask3d.checkpoint import load_checkpoint
-from xmask3d.train import (
+from xmask3d.engine.checkpoint import load_checkpoint
+from xmask3d.engine.train import (
     DistInfo,
     TrainConfig,
     WarmupCosine,
@@ -109,6 +109,30 @@ def test_resume_is_bit_for_bit(tmp_path):
     # and resuming actually mattered: 2 steps differ from 4
     assert not torch.equal(first.state_dict()["a3d.weight"], straight.state_dict()["a3d.weight"])
     assert load_checkpoint(tmp_path / "b")["step"] == 4
+
+
+def test_epoch_callback_and_plain_progress_lines(tmp_path, capsys, caplog):
+    """After each epoch's checkpoint (and after the last step) the callback runs; with stderr not a
+    terminal there is no bar and no carriage return, only log lines with loss, lr, step/s and ETA."""
+    import logging
+
+    calls = []
+
+    def on_epoch_end(epoch, step, final):
+        calls.append((epoch, step, final, load_checkpoint(tmp_path)["step"]))
+
+    seed_everything(7)
+    with caplog.at_level(logging.INFO, logger="test.fit"):
+        fit(TinyNet(), RandomPoints(6), collate, loss_fn, _cfg(epochs=3, max_steps=8), is_3d=is_3d,
+            checkpoint_dir=tmp_path, on_epoch_end=on_epoch_end, logger=logging.getLogger("test.fit"))
+    # 3 steps per epoch; max_steps 8 ends inside the third epoch; the checkpoint is written first
+    assert calls == [(0, 3, False, 3), (1, 6, False, 6), (2, 8, True, 8)]
+    lines = [r.getMessage() for r in caplog.records if r.name == "test.fit"]
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [e.split(":")[0] for e in epochs] == ["epoch 1/3 step 3/8", "epoch 2/3 step 6/8",
+                                                 "epoch 3/3 step 8/8"]
+    assert all("mean loss" in e and "lr 3d" in e and "step/s" in e and "ETA" in e for e in epochs)
+    assert "\r" not in capsys.readouterr().err
 
 
 def test_param_groups_and_schedule(tmp_path):
@@ -232,8 +256,8 @@ def _no_fit(*args, **kwargs):
 def test_bad_inputs_fail_before_training(synthetic_store, tmp_path, monkeypatch):
     import zarr
 
-    from xmask3d import train as train_mod
-    from xmask3d.checkpoint import save_checkpoint
+    from xmask3d.engine import train as train_mod
+    from xmask3d.engine.checkpoint import save_checkpoint
 
     monkeypatch.setattr(train_mod, "fit", _no_fit)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -274,7 +298,7 @@ def test_train_tiny_logs_registers_and_resumes(synthetic_store, tmp_path):
     from mlflow import MlflowClient
 
     from storage.store import open_store
-    from xmask3d.train import train
+    from xmask3d.engine.train import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = train_preset("tiny", max_steps=2, checkpoint_every=1, eval_max_views=1, ply_scenes=1,
@@ -293,13 +317,17 @@ def test_train_tiny_logs_registers_and_resumes(synthetic_store, tmp_path):
     assert client.get_metric_history(result.run_id, "lr/3d")
     for key in ("3d", "2d", "fused", "baseline"):
         assert 0.0 <= result.metrics[f"{key}/miou_base"] <= 1.0
-    assert run.data.metrics["eval/fused/miou_base"] == pytest.approx(result.metrics["fused/miou_base"])
+    # logged in percent, returned as fractions
+    assert run.data.metrics["eval/fused/miou_base"] == pytest.approx(100 * result.metrics["fused/miou_base"])
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "evaluation")}
     assert {"evaluation/iou_per_class.png", "evaluation/confusion_fused.png", "evaluation/iou_per_class.md",
             "evaluation/metrics.json", "evaluation/ply"} <= artifacts
     plys = [a.path for a in client.list_artifacts(result.run_id, "evaluation/ply")]
     assert len(plys) == 2 and any(p.endswith("_gt.ply") for p in plys)
-    assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == ["checkpoints/last.pt"]
+    # tiny validates after the last step too: best.pt is that step's model, kept beside last.pt
+    assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == [
+        "checkpoints/best.pt", "checkpoints/last.pt"]
+    assert run.data.tags["best.step"] == "2" and run.data.tags["registered_checkpoint"] == "last.pt"
     version = client.get_model_version_by_alias("xmask3d-scannet20-b15n4", "candidate")
     assert str(version.version) == result.model_version and version.run_id == result.run_id
 
@@ -323,7 +351,7 @@ def test_train_tiny_logs_registers_and_resumes(synthetic_store, tmp_path):
     assert run.data.params["train.max_steps"] == "2" and run.data.tags["changed.train.max_steps"] == "3"
 
     # standalone evaluation of the registered model: a nested run with the same numbers
-    from xmask3d.evaluate import evaluate
+    from xmask3d.engine.evaluate import evaluate
 
     evaluation = evaluate(synthetic_store, BENCH, "models:/xmask3d-scannet20-b15n4@candidate",
                           tracking_uri=uri, max_views=1, ply_scenes=0)

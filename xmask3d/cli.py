@@ -19,7 +19,9 @@ from typing import Annotated, Any
 
 import typer
 
+from storage.benchmarks import get_benchmark
 from storage.errors import InputError
+from xmask3d.engine.progress import quiet_library_noise
 
 app = typer.Typer(help="XMask3D pipeline: synthetic data, download, preprocess, train, evaluate.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -30,7 +32,7 @@ app.add_typer(synth_app, name="synth")
 app.add_typer(download_app, name="download")
 app.add_typer(preprocess_app, name="preprocess")
 
-# xmask3d.tracking's default, repeated here so the check runs before MLflow is imported
+# xmask3d.engine.tracking's default, repeated here so the check runs before MLflow is imported
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 OPTIONS = {"verbose": False}
 
@@ -113,8 +115,6 @@ def require_output(path: Path, what: str) -> None:
 
 
 def require_benchmark(name: str) -> None:
-    from preprocessing.benchmarks import get_benchmark  # numpy + JSON only
-
     get_benchmark(name)
 
 
@@ -165,7 +165,7 @@ def synth_scannet(
     seed: int = 0,
 ) -> None:
     """Write synthetic scenes in the raw ScanNet v2 layout."""
-    from preprocessing.synthetic import write_scannet
+    from preprocessing.synthetic import write_scannet  # heavy: loaded per command
 
     ids = write_scannet(out_dir, scenes=scenes, small=small, seed=seed)
     typer.echo(f"wrote {len(ids)} ScanNet scenes to {out_dir}: {', '.join(ids)}")
@@ -182,7 +182,7 @@ def synth_s3dis(
     view_size: Annotated[int, typer.Option(help="side of the square views (real: 1080)")] = 1080,
 ) -> None:
     """Write synthetic rooms in the raw Stanford3dDataset_v1.2 layout (and 2D-3D-S views)."""
-    from preprocessing.synthetic import write_s3dis
+    from preprocessing.synthetic import write_s3dis  # heavy: loaded per command
 
     ids = write_s3dis(out_dir, rooms=rooms, seed=seed, views=views, view_size=view_size)
     typer.echo(f"wrote {len(ids)} S3DIS rooms to {out_dir / 'Stanford3dDataset_v1.2'}: {', '.join(ids)}")
@@ -198,14 +198,18 @@ def download_scannet(
     url: Annotated[str | None, typer.Option(help="your ScanNet URL (default: $XMASK3D_SCANNET_URL)")] = None,
     mirror: Annotated[Path | None, typer.Option(help="local mirror directory")] = None,
     scenes: Annotated[str | None, typer.Option(help="comma-separated scene ids")] = None,
-    split: Annotated[str | None, typer.Option(help="train or val")] = None,
+    split: Annotated[str | None, typer.Option(help="train, val or test")] = None,
     workers: Annotated[int, typer.Option(help="parallel downloads")] = 4,
+    verify: Annotated[bool, typer.Option(help="re-check files on disk (size, checksum); fetch failing ones")
+                      ] = False,
+    checksums: Annotated[Path | None, typer.Option(help="sha256sum-format file of relative paths")] = None,
 ) -> None:
-    """Download the official ScanNet v2 per-scene files."""
-    from preprocessing.scannet.download import download_scannet as download
+    """Download the official ScanNet v2 per-scene files (each verified before it is kept)."""
+    from preprocessing.scannet.download import download_scannet as download  # heavy: loaded per command
 
     ids = [s.strip() for s in scenes.split(",") if s.strip()] if scenes else None
-    paths = download(out, url=url, mirror=mirror, scenes=ids, split=split, workers=workers)
+    paths = download(out, url=url, mirror=mirror, scenes=ids, split=split, workers=workers, verify=verify,
+                     checksums=checksums)
     typer.echo(f"{len(paths)} files under {out}")
 
 
@@ -221,13 +225,16 @@ def download_s3dis(
     areas: Annotated[str | None, typer.Option(help="2D-3D-S areas, e.g. 1,2,5a,5b (default all)")] = None,
     workers: Annotated[int, typer.Option(help="parallel downloads")] = 2,
     keep_archives: Annotated[bool, typer.Option(help="keep the archives after unpacking")] = True,
+    verify: Annotated[bool, typer.Option(help="re-check kept archives (size, checksum); fetch failing ones")
+                      ] = False,
+    checksums: Annotated[Path | None, typer.Option(help="sha256sum-format file of the archives")] = None,
 ) -> None:
     """Download and unpack S3DIS (Stanford3dDataset_v1.2) and its 2D-3D-S views (resumable)."""
-    from preprocessing.s3dis.download import download_s3dis as download
+    from preprocessing.s3dis.download import download_s3dis as download  # heavy: loaded per command
 
     names = [a for a in areas.split(",") if a.strip()] if areas else None
     dirs = download(out, url=url, mirror=mirror, release=release, views=views, areas=names, workers=workers,
-                    keep_archives=keep_archives)
+                    keep_archives=keep_archives, verify=verify, checksums=checksums)
     typer.echo("unpacked " + ", ".join(str(d) for d in dirs))
 
 
@@ -254,8 +261,8 @@ def preprocess_scannet(
     """Decode, project, caption-embed and store ScanNet scenes."""
     require_dir(raw, "raw dir")
     require_output(out, "output store")
-    from flows.preprocess import run_locally
-    from preprocessing.pipeline import format_summaries
+    from flows.preprocess import run_locally  # heavy: loaded per command
+    from preprocessing.pipeline import format_summaries  # heavy: loaded per command
 
     if clip_model or clip_checkpoint:
         if not (clip_model and clip_checkpoint):
@@ -291,12 +298,12 @@ def preprocess_s3dis(
     """Store S3DIS rooms: points and labels, and with --views their 2D-3D-S views and captions."""
     require_dir(raw, "raw dir")
     require_output(out, "output store")
-    from flows.preprocess import run_locally
-    from preprocessing.pipeline import format_summaries
+    from flows.preprocess import run_locally  # heavy: loaded per command
+    from preprocessing.pipeline import format_summaries  # heavy: loaded per command
 
     if views is not None:  # report the counted skips (unknown areas, rooms without points) up front
-        from preprocessing.pipeline import list_s3dis_rooms
-        from preprocessing.s3dis.views import index_views
+        from preprocessing.pipeline import list_s3dis_rooms  # heavy: loaded per command
+        from preprocessing.s3dis.views import index_views  # heavy: loaded per command
 
         skipped = index_views(views, rooms=list_s3dis_rooms(raw)).skipped
         if skipped:
@@ -323,7 +330,7 @@ def import_captions(
              "for a CLIP store)")] = None,
 ) -> None:
     """Import released PLA / RegionPLC caption files (JSON + index pickle) as region captions."""
-    from preprocessing.caption_import import import_captions as run_import
+    from preprocessing.caption_import import import_captions as run_import  # heavy: loaded per command
 
     summary = run_import(store, fmt, captions, index, text_encoder=text_encoder)
     typer.echo(summary.table())
@@ -351,23 +358,28 @@ def train(
     caption_supervision: Annotated[str | None, typer.Option(
         help="official (view captions, the paper) | region (region captions, contrastive) | "
              "official+region; default: the preset's (official)")] = None,
+    random_init: Annotated[bool, typer.Option(
+        "--random-init", help="paper: train even without the Stable Diffusion / CLIP weights (random "
+                              "frozen parts; tagged random_init on the MLflow run)")] = False,
 ) -> None:
     """Train XMask3D on one benchmark, tracked in MLflow."""
     require_dir(store, "store")
     require_benchmark(benchmark)
     require_tracking(tracking_uri, existing=False)
-    from xmask3d.tracking import promote_if_better
-    from xmask3d.train import train as run_training
-    from xmask3d.train import train_preset
+    from xmask3d.engine.tracking import promote_if_better  # heavy: loaded per command
+    from xmask3d.engine.train import train as run_training  # heavy: loaded per command
+    from xmask3d.engine.train import train_preset  # heavy: loaded per command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet_library_noise()
     given = {"epochs": epochs, "max_steps": max_steps, "checkpoint_every": checkpoint_every,
              "checkpoint_dir": checkpoint_dir}
     overrides: dict = {k: v for k, v in given.items() if v is not None}
     overrides["evaluate"] = evaluate
     result = run_training(store, benchmark, preset, train_preset(preset, **overrides),
                           tracking_uri=tracking_uri, resume=resume, sd_dir=sd_dir,
-                          clip_checkpoint=clip_checkpoint, caption_supervision=caption_supervision)
+                          clip_checkpoint=clip_checkpoint, caption_supervision=caption_supervision,
+                          random_init=random_init)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports and promotes
         return
     if result.evaluation is not None:
@@ -388,14 +400,20 @@ def evaluate(
     max_views: Annotated[int, typer.Option(help="views per scene (0 = all, the official protocol)")] = 0,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default $MLFLOW_TRACKING_URI)")
                             ] = None,
+    random_init: Annotated[bool, typer.Option(
+        "--random-init", help="evaluate a paper model even with random Stable Diffusion / CLIP weights")
+    ] = False,
 ) -> None:
     """Evaluate a model: mIoU base / novel / hIoU for the 3D, 2D and fused heads."""
     require_model(model, tracking_uri)
     require_dir(store, "store")
     require_benchmark(benchmark)
-    from xmask3d.evaluate import evaluate as run_evaluation
+    from xmask3d.engine.evaluate import evaluate as run_evaluation  # heavy: loaded per command
 
-    result = run_evaluation(store, benchmark, model, tracking_uri=tracking_uri, max_views=max_views)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet_library_noise()
+    result = run_evaluation(store, benchmark, model, tracking_uri=tracking_uri, max_views=max_views,
+                            random_init=random_init)
     typer.echo(result.table())
     typer.echo(f"MLflow run {result.run_id}")
 
@@ -420,25 +438,23 @@ def ablate(
     require_dir(store, "store")
     require_benchmark(benchmark)
     require_tracking(tracking_uri, existing=False)
-    from xmask3d.ablate import resolve_variants
-    from xmask3d.train import check_store, train_preset
+    from xmask3d.engine.ablate import resolve_variants  # heavy: loaded per command
+    from xmask3d.engine.train import check_store, train_preset  # heavy: loaded per command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("mlflow", "sentence_transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_noise()
     names = resolve_variants(variants)  # bad names fail here, before Prefect starts
     overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
     train_preset(preset, **overrides)
-    from preprocessing.benchmarks import get_benchmark
 
     check_store(store, get_benchmark(benchmark), need_val=True)
-    from flows.ablate import ablate as ablate_flow
+    from flows.ablate import ablate as ablate_flow  # heavy: loaded per command
 
     _prefect_logs_quiet()
 
     result = ablate_flow(store=str(store), benchmark=benchmark, preset=preset, variants=names,
                          train_config=overrides or None, tracking_uri=tracking_uri, max_views=max_views)
-    from xmask3d.ablate import table_markdown
+    from xmask3d.engine.ablate import table_markdown  # heavy: loaded per command
 
     typer.echo(table_markdown(result["rows"], benchmark, preset))
     typer.echo(f"MLflow parent run {result['parent_run_id']}")
@@ -460,7 +476,7 @@ def render(
         require_dir(store, "store")
     require_model(run, tracking_uri)
     require_output(out, "output directory")
-    from xmask3d.panels import render_run
+    from xmask3d.engine.panels import render_run  # heavy: loaded per command
 
     for path in render_run(run, scene, out, store=store, tracking_uri=tracking_uri, views=views):
         typer.echo(str(path))
@@ -470,7 +486,7 @@ def render(
 @user_errors
 def model_summary(preset: Annotated[str, typer.Option(help="tiny|small|paper")] = "tiny") -> None:
     """Print parameter counts per component of a preset."""
-    from xmask3d.model import summary
+    from xmask3d.network.model import summary  # heavy: loaded per command
 
     typer.echo(summary(preset))
 
@@ -480,12 +496,10 @@ def model_summary(preset: Annotated[str, typer.Option(help="tiny|small|paper")] 
 def demo(out: Annotated[Path, typer.Option(help="demo output directory")] = Path("demo_output")) -> None:
     """Synthetic data -> preprocess -> train (tiny) -> evaluate, on CPU."""
     require_output(out, "demo output")
-    from flows.demo import report, run_demo
+    quiet_library_noise()  # Dask workers too (environment), before distributed is imported
+    from flows.demo import report, run_demo  # heavy: loaded per command
 
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # also for the worker processes
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("distributed", "mlflow", "sentence_transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     _prefect_logs_quiet()
     typer.echo(report(run_demo(out)))
 

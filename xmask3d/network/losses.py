@@ -20,9 +20,11 @@ name plus ``total`` = Σ weight·term (``loss_weights(cfg, ...)`` gives the weig
 Terms of a component switched off in ``ModelConfig`` (copied into ``LossConfig``:
 ``mask_regularization``, ``fusion``, ``binary_head``, ``caption_losses``) are absent from the result.
 
-2D ground truth: the store keeps per-point labels and their pixels but no label images, so the
-GT masks are built by splatting the base labels of the view's points into a label image at the
-mask resolution (``build_2d_targets``); see docs/model.md.
+2D ground truth: views of scenes with ScanNet 2D label images (``batch["label_2d"]``, flagged by
+``has_label_2d``) take their GT masks from the label image resized to the mask resolution with
+nearest neighbour (``label_image_targets``), as the official loader does; views without (a scene
+preprocessed without its ``_2d-label-filt.zip``, S3DIS) splat the base labels of the view's points
+into a label image at the mask resolution (``build_2d_targets``); see docs/model.md.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from xmask3d.matcher import HungarianMatcher, point_sample
+from storage.benchmarks import get_benchmark
+from xmask3d.network.matcher import HungarianMatcher, point_sample
 
 IGNORE = 255
 # LossConfig.caption_supervision values (ModelConfig.caption_supervision is copied into it)
@@ -119,10 +122,9 @@ class LossConfig:
     def with_benchmark(self, benchmark: Any) -> LossConfig:
         """The per-benchmark recipe (binary weight / pos_weight, contra weight / start epoch) applied.
 
-        ``benchmark`` is a ``preprocessing.benchmarks.Benchmark`` or its name.
+        ``benchmark`` is a ``storage.benchmarks.Benchmark`` or its name.
         """
         if isinstance(benchmark, str):
-            from preprocessing.benchmarks import get_benchmark
 
             benchmark = get_benchmark(benchmark)
         return replace(
@@ -188,6 +190,55 @@ def build_2d_targets(
         if not null_segment:
             present = present[present != num_classes]
         targets.append({"labels": present, "masks": (image[b][None] == present[:, None, None]).float()})
+    return targets
+
+
+def label_image_targets(
+    label_2d: torch.Tensor, num_classes: int, mask_size: tuple[int, int], null_segment: bool = True
+) -> list[dict[str, torch.Tensor]]:
+    """Per-view GT masks from 2D label images: label_2d [B,H,W] base labels (0..C−1, 255 = novel,
+    ignored or unannotated) resized to ``mask_size`` (h, w) with nearest neighbour (pixel centres);
+    every non-base pixel is the null class C, a GT mask of class C with ``null_segment`` (Q6).
+    -> per view {labels int64[M], masks float[M,h,w]}."""
+    image = F.interpolate(label_2d[:, None].float(), size=tuple(mask_size), mode="nearest-exact")
+    image = image[:, 0].long()
+    image = image.masked_fill(image >= num_classes, num_classes)
+    targets = []
+    for b in range(image.shape[0]):
+        present = torch.unique(image[b])
+        if not null_segment:
+            present = present[present != num_classes]
+        targets.append({"labels": present, "masks": (image[b][None] == present[:, None, None]).float()})
+    return targets
+
+
+def view_targets(
+    batch: dict[str, Any],
+    batch_size: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    mask_size: tuple[int, int],
+    cfg: LossConfig,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, torch.Tensor]]:
+    """The 2D GT of every view of a batch: from its label image where ``has_label_2d``, else
+    splatted from its points' base labels (``image_size`` (H, W) of ``uv``, masks at ``mask_size``)."""
+    label_base = batch["label_base"].to(device).long()
+    targets = build_2d_targets(
+        label_base,
+        batch["uv"].to(device),
+        batch["batch_index"].to(device),
+        batch_size,
+        num_classes,
+        image_size,
+        mask_size,
+        cfg.null_segment,
+        cfg.gt_fill_radius,
+    )
+    if "label_2d" in batch and bool(batch["has_label_2d"].any()):
+        dense = label_image_targets(batch["label_2d"].to(device), num_classes, mask_size, cfg.null_segment)
+        use = batch["has_label_2d"].tolist()
+        targets = [d if u else t for t, d, u in zip(targets, dense, use, strict=True)]
     return targets
 
 
@@ -532,24 +583,15 @@ def compute_losses(
     """Every loss term (unweighted, official names) and ``total`` = Σ weight·term.
 
     ``outputs`` is ``XMask3D.forward``'s dict; ``batch`` the collate output (label_base, binary,
-    uv, batch_index, caption, has_caption).
+    uv, batch_index, caption, has_caption; label_2d and has_label_2d when collated from a store).
     """
     pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
     batch_size, num_classes = pred_logits.shape[0], pred_logits.shape[-1] - 1
     device = pred_logits.device
     batch_index = batch["batch_index"].to(device)
     label_base = batch["label_base"].to(device).long()
-    targets = build_2d_targets(
-        label_base,
-        batch["uv"].to(device),
-        batch_index,
-        batch_size,
-        num_classes,
-        tuple(outputs["image_size"]),
-        tuple(pred_masks.shape[-2:]),
-        cfg.null_segment,
-        cfg.gt_fill_radius,
-    )
+    image_size, mask_size = tuple(outputs["image_size"]), tuple(pred_masks.shape[-2:])
+    targets = view_targets(batch, batch_size, num_classes, image_size, mask_size, cfg, device)
     losses = SetCriterion(cfg)(pred_logits, pred_masks, targets, outputs.get("aux"))
     if cfg.fusion:
         losses["loss_3d"] = ce_3d(

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from preprocessing.text import TINY_EMBED_DIM, MiniLMTextEncoder
 from storage.errors import InputError
-from xmask3d.backbone3d import Backbone3DConfig
-from xmask3d.clip import ClipConfig, clip_preset
-from xmask3d.losses import CAPTION_SUPERVISION, LossConfig
-from xmask3d.mask_generator import MaskGeneratorConfig, mask_generator_preset
+from xmask3d.network.backbone3d import Backbone3DConfig
+from xmask3d.network.clip import ClipConfig, clip_preset
+from xmask3d.network.losses import CAPTION_SUPERVISION, LossConfig
+from xmask3d.network.mask_generator import MaskGeneratorConfig, mask_generator_preset
 
 PRESETS = ("tiny", "small", "paper")
 # The OpenAI ViT-L/14 weights need QuickGELU; open_clip names that architecture "ViT-L-14-quickgelu".
@@ -39,7 +40,7 @@ class ModelConfig:
     mask_generator: MaskGeneratorConfig = field(default_factory=MaskGeneratorConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    # text space of class names and captions (xmask3d.text.build_text_encoder spec)
+    # text space of class names and captions (preprocessing.text.build_text_encoder spec)
     text_encoder: str = f"openclip:{PAPER_CLIP_MODEL}:{PAPER_CLIP_CHECKPOINT}"
     # eval gating threshold of a mask's mean binary probability (spec §4 step 3)
     binary_2d_thresh: float = 0.5
@@ -231,12 +232,15 @@ def preset(
     name: str, sd_dir: str | Path | None = None, clip_checkpoint: str | Path | None = None
 ) -> ModelConfig:
     """The named preset. For ``paper``, ``sd_dir`` (a diffusers SD 1.x folder) and
-    ``clip_checkpoint`` (open_clip ViT-L/14 OpenAI weights) load the pretrained parts."""
+    ``clip_checkpoint`` (open_clip ViT-L/14 OpenAI weights; default ``PAPER_CLIP_CHECKPOINT`` when
+    that file exists) load the pretrained parts; :func:`missing_pretrained` says what is absent."""
     if name not in PRESETS:
         raise InputError(f"unknown model preset {name!r} (expected one of {list(PRESETS)})")
     if name != "paper" and (sd_dir is not None or clip_checkpoint is not None):
         raise InputError(f"preset {name!r} is random-init; sd_dir / clip_checkpoint apply to 'paper' only")
     if name == "paper":
+        if clip_checkpoint is None and Path(PAPER_CLIP_CHECKPOINT).is_file():
+            clip_checkpoint = PAPER_CLIP_CHECKPOINT  # one file for the image and the text tower
         mask_generator = MaskGeneratorConfig.paper(sd_dir)
         clip = ClipConfig.paper(clip_checkpoint)
         text = f"openclip:{PAPER_CLIP_MODEL}:{clip_checkpoint or PAPER_CLIP_CHECKPOINT}"
@@ -254,18 +258,40 @@ def preset(
     )
 
 
+def missing_pretrained(cfg: ModelConfig) -> list[str]:
+    """What the ``paper`` preset's pretrained weights lack, one phrase per missing folder or file
+    (empty for the random-init presets by design, and for ``paper`` with every weight present).
+    Without these the SD UNet / VAE / empty-prompt context or the CLIP image tower are random."""
+    if cfg.name != "paper":
+        return []
+    missing = []
+    mg = cfg.mask_generator
+    if mg.unet_path is None:
+        missing.append("no Stable Diffusion 1.x folder (--sd-dir DIR with unet/, vae/, text_encoder/, "
+                       "tokenizer/)")
+    else:
+        for path, what in ((mg.unet_path, "config.json"), (mg.vae_path, "config.json"),
+                           (mg.text_encoder_path, "config.json"), (mg.tokenizer_path, "")):
+            if path is None or not (Path(path) / what).exists():
+                missing.append(f"{Path(str(path)) / what if what else path} not found")
+    if cfg.clip.checkpoint is None:
+        missing.append("no CLIP ViT-L/14 checkpoint (--clip-checkpoint FILE; default "
+                       f"{PAPER_CLIP_CHECKPOINT} not found)")
+    elif not Path(cfg.clip.checkpoint).exists():
+        missing.append(f"{cfg.clip.checkpoint} not found")
+    return missing
+
+
 def text_dim(spec: str) -> int:
     """Dimension of the text space named by a text-encoder spec, without loading the encoder."""
     if spec == "minilm":
-        from xmask3d.text import MiniLMTextEncoder
 
         return MiniLMTextEncoder.dim
     if spec == "openclip-tiny":
-        from xmask3d.text import TINY_EMBED_DIM
 
         return TINY_EMBED_DIM
     if spec.startswith("openclip:"):
-        import open_clip
+        import open_clip  # heavy: only for an open_clip text spec
 
         model_cfg = open_clip.get_model_config(spec.split(":")[1])
         if model_cfg is None:

@@ -13,19 +13,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
+import logging
 import math
 import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import mlflow
+import mlflow.artifacts
 import mlflow.pyfunc
 import pandas as pd
 from mlflow import MlflowClient
@@ -33,7 +37,11 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from storage.errors import InputError
+from storage.redact import redact, redact_url, secrets_in_url, split_userinfo
+from xmask3d.engine.checkpoint import LAST_NAME
+from xmask3d.engine.predict import load_model_for_inference, predict_scene
 
+log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -68,27 +76,43 @@ def artifact_root_for(uri: str) -> str | None:
     return (db.resolve().parent / "mlartifacts").as_uri()
 
 
+def _health_request(uri: str) -> urllib.request.Request:
+    """GET <uri>/health, with user-info of the URI (``user:token@``) sent as basic auth, not in the URL."""
+    bare, auth = split_userinfo(uri)
+    parts = urlsplit(bare)
+    health = parts.path.rstrip("/") + "/health"
+    request = urllib.request.Request(urlunsplit((parts.scheme, parts.netloc, health, "", "")))
+    if auth:
+        request.add_header("Authorization", auth)
+    return request
+
+
 def check_tracking_available(uri: str, timeout: float = 5.0) -> None:
-    """Fail early (InputError) when the tracking backend cannot be used, before any training."""
+    """Fail early (InputError) when the tracking backend cannot be used, before any training.
+
+    Messages show the URI with its credentials (``user:token@``, query values) redacted.
+    """
     scheme = urlparse(uri).scheme
+    shown = redact_url(uri)
     if scheme in ("http", "https"):
-        health = uri.rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310 - user URI
+            with urllib.request.urlopen(_health_request(uri), timeout=timeout) as response:  # noqa: S310
                 if response.status != 200:
-                    raise InputError(f"MLflow tracking server {uri}: /health answered {response.status}")
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise InputError(f"MLflow tracking server {uri} is not reachable ({reason}); start it or set "
-                             "MLFLOW_TRACKING_URI") from error
+                    raise InputError(f"MLflow tracking server {shown}: /health answered {response.status}")
+        except urllib.error.HTTPError as error:
+            raise InputError(f"MLflow tracking server {shown}: /health answered {error.code}") from None
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
+            reason = redact(str(getattr(error, "reason", error)), secrets_in_url(uri))
+            raise InputError(f"MLflow tracking server {shown} is not reachable ({reason}); start it or set "
+                             "MLFLOW_TRACKING_URI") from None
         return
     db = _sqlite_path(uri)
     if db is not None:
         parent = db.resolve().parent
         if not parent.is_dir():
-            raise InputError(f"{uri}: directory {parent} for the MLflow database does not exist")
+            raise InputError(f"{shown}: directory {parent} for the MLflow database does not exist")
         if not os.access(parent, os.W_OK):
-            raise InputError(f"{uri}: directory {parent} for the MLflow database is not writable")
+            raise InputError(f"{shown}: directory {parent} for the MLflow database is not writable")
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -120,10 +144,19 @@ class RunTracker:
         else:
             try:
                 run = self.client.get_run(run_id)
-            except MlflowException as error:
-                raise InputError(f"MLflow run {run_id} not found at {self.tracking_uri}") from error
+            except MlflowException:
+                raise InputError(f"MLflow run {run_id} not found at {redact_url(self.tracking_uri)}") \
+                    from None
             self.run_id = run.info.run_id
+            previous = run.info.status
+            if previous == "RUNNING":  # the attempt before was killed (SIGKILL, power loss) mid-run
+                log.warning("MLflow run %s was still RUNNING: its previous attempt ended without saying so "
+                            "(killed); resuming it", self.run_id)
+            resumes = int(run.data.tags.get("resume.count", "0")) + 1
+            self.set_tags({"resume.count": resumes, f"resume.{resumes}.previous_status": previous})
             self.client.update_run(self.run_id, status="RUNNING")
+        self._resumed = run_id is not None
+        self._logged_before: dict[str, int] = {}  # resumed run: metric -> last step logged before
 
     @property
     def artifact_uri(self) -> str:
@@ -141,10 +174,19 @@ class RunTracker:
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
+    def _last_step_before(self, key: str) -> int:
+        """The last step of ``key`` logged before this attempt (-1 for a new run or a new metric)."""
+        if key not in self._logged_before:
+            history = self.client.get_metric_history(self.run_id, key) if self._resumed else []
+            self._logged_before[key] = max((m.step for m in history), default=-1)
+        return self._logged_before[key]
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log ``metrics`` at ``step``. A resumed run skips steps its killed attempt already logged
+        (it logged past its last checkpoint; the resumed values are the same, bit for bit)."""
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
-                 if v is not None and math.isfinite(float(v))]
+                 if v is not None and math.isfinite(float(v)) and int(step) > self._last_step_before(k)]
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
 
@@ -186,7 +228,8 @@ def download_run_checkpoint(tracking_uri: str | None, run_id: str, dst: Path) ->
     try:
         local = client.download_artifacts(run_id, "checkpoints/last.pt", str(dst))
     except (MlflowException, OSError) as error:
-        raise InputError(f"MLflow run {run_id}: no checkpoints/last.pt artifact ({error})") from error
+        reason = redact(str(error), secrets_in_url(client.tracking_uri))
+        raise InputError(f"MLflow run {run_id}: no checkpoints/last.pt artifact ({reason})") from None
     return Path(local)
 
 
@@ -199,13 +242,11 @@ class XMask3DPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from xmask3d.evaluate import load_model_for_inference
 
         self.loaded = load_model_for_inference(Path(context.artifacts["checkpoint"]))
 
     # A DataFrame hint: MLflow infers no schema from it (so it validates nothing) and stays quiet.
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        from xmask3d.evaluate import predict_scene
 
         if isinstance(model_input, Mapping):
             model_input = pd.DataFrame({k: v if isinstance(v, list) else [v] for k, v in model_input.items()})
@@ -224,6 +265,20 @@ class XMask3DPyfunc(mlflow.pyfunc.PythonModel):
         return pd.concat(frames, ignore_index=True)
 
 
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Raise the named loggers to ERROR for the block (expected, harmless warnings)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def register_model(tracking_uri: str | None, run_id: str, benchmark: str, checkpoint: Path,
                    hiou: float | None = None) -> str:
     """Log the pyfunc model in the run, register a new version, alias it `candidate`.
@@ -235,7 +290,9 @@ def register_model(tracking_uri: str | None, run_id: str, benchmark: str, checkp
     name = registered_model_name(benchmark)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _quiet("mlflow.pyfunc", "mlflow.models"):
+        # quiet: MLflow warns that the python_model object is pickled (it holds no state: the
+        # checkpoint is an artifact) and that no signature was inferred (inputs are free-form rows)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=XMask3DPyfunc(), artifacts={"checkpoint": str(checkpoint)},
             registered_model_name=name,
@@ -397,11 +454,50 @@ def champion_or_newest(tracking_uri: str | None, model: str) -> tuple[str, str |
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException as error:
-        raise InputError(f"model {model}: registry at {uri} not readable ({error})") from error
+        reason = redact(str(error), secrets_in_url(uri))
+        raise InputError(f"model {model}: registry at {redact_url(uri)} not readable ({reason})") from None
     if not versions:
-        raise InputError(f"model {model}: no version of {name} is registered at {uri}")
+        raise InputError(f"model {model}: no version of {name} is registered at {redact_url(uri)}")
     newest = max(versions, key=lambda v: int(v.version))
     why = newest.tags.get(f"{PROMOTION_TAG}.reason", "no promotion decision recorded")
     note = (f"no champion for {name}: evaluating the newest version {newest.version} instead "
             f"(not promoted: {why})")
     return f"{prefix}{name}/{newest.version}", note
+
+
+def resolve_model(model: str, tracking_uri: str | None, download_dir: Path) -> tuple[Path, str | None]:
+    """`models:/NAME@alias`, `models:/NAME/VERSION`, an MLflow run id or a checkpoint path
+    -> (local checkpoint file, training run id if known)."""
+
+
+    path = Path(model)
+    if path.exists():
+        return (path / LAST_NAME if path.is_dir() else path), None
+    if not model.startswith("models:/") and ("/" in model or "." in model):
+        raise InputError(f"{model}: checkpoint not found")
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_available(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if model.startswith("models:/"):
+        ref = model[len("models:/"):]
+        try:
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                name, number = ref.rsplit("/", 1)
+                version = client.get_model_version(name, number)
+
+            # models:/ resolution reads the process-wide URIs (the argument alone is not enough)
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_registry_uri(uri)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(download_dir)))
+        except (MlflowException, ValueError) as error:
+            reason = redact(str(error), secrets_in_url(uri))
+            raise InputError(f"model {model}: not found in the registry at {redact_url(uri)} ({reason})") \
+                from None
+        found = sorted(local.rglob("*.pt"))  # the registered checkpoint: best.pt or last.pt
+        if not found:
+            raise InputError(f"model {model}: no checkpoint among its artifacts")
+        return found[0], version.run_id
+    return download_run_checkpoint(uri, model, download_dir), model
