@@ -9,12 +9,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flows import preprocess as pf
+from preprocessing.pipeline import preprocess_scannet_scene
+from preprocessing.run import local_workers
 from storage.errors import InputError
 from storage.store import open_store
 from tests.http_server import serve_directory
+from tests.test_pipeline import assert_same_scene
+from tests.worker_probe import heavy_modules
 
 
 @pytest.fixture(scope="session")
@@ -56,19 +61,44 @@ def test_prepare_store_names_a_missing_raw_dir_and_an_unknown_scene(synthetic_sc
     assert not (tmp_path / "b.zarr").exists()  # validation happens before the store is created
 
 
-def test_preprocess_scene_task_writes_a_scene_then_skips_it(synthetic_scannet, tmp_path):
+def test_skip_complete_reports_a_scene_written_before(synthetic_scannet, tmp_path):
     first = scene_ids(synthetic_scannet)[0]
     store = str(tmp_path / "s.zarr")
     listing, cfg = pf.prepare_store.fn("scannet", str(synthetic_scannet), store, scenes=[first],
-                                       captions="none")
+                                       captions="none", region_captions="none")
     assert list(listing) == [first]
-    summary = pf.preprocess_scene.fn("scannet", str(synthetic_scannet), first, store, cfg, listing[first])
+    assert pf.skip_complete(store, listing, "scannet", str(synthetic_scannet), cfg) == {}
+    summary = preprocess_scannet_scene(synthetic_scannet, first, store, cfg, listing[first])
     assert summary.status == "written" and summary.points > 0 and summary.frames_kept > 0
-    assert open_store(store).scene_ids() == [first]
-    again = pf.preprocess_scene.fn("scannet", str(synthetic_scannet), first, store, cfg, listing[first])
-    assert again.status == "skipped"
     skipped = pf.skip_complete(store, listing, "scannet", str(synthetic_scannet), cfg)[first]
+    assert skipped.status == "skipped"
     assert (skipped.points, skipped.frames_kept) == (summary.points, summary.frames_kept)
+
+
+def test_embed_captions_task_embeds_every_text_of_the_run_once(synthetic_scannet, tmp_path):
+    raw = Path(synthetic_scannet)
+    listing, cfg = pf.prepare_store.fn("scannet", str(raw), str(tmp_path / "s.zarr"), frame_step=20,
+                                       text_encoder="openclip-tiny")
+    captions = json.loads((raw / "captions.json").read_text())
+    regions = json.loads((raw / "region_captions.json").read_text())["scenes"]
+    expected = {text for s in listing for i, text in captions[s].items() if int(i) % 20 == 0}
+    expected |= {r["text"] for s in listing for i, rs in regions[s].items() if int(i) % 20 == 0 for r in rs}
+    from prefect.logging import disable_run_logger
+
+    with disable_run_logger():  # the task logs to its run; here there is none
+        table = pf.embed_captions.fn("scannet", list(listing), cfg)
+    assert table.encoder == "openclip-tiny" and sorted(table.texts) == sorted(expected)
+    assert table.vectors.shape == (len(expected), 64) and table.vectors.dtype == np.float16
+    norms = np.linalg.norm(table.vectors.astype(np.float32), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-2)
+    some = sorted(expected)[:3]
+    rows = table.lookup(["", *some])
+    assert not rows[0].any()
+    np.testing.assert_array_equal(rows[1:], table.select(some).vectors)
+    _, none = pf.prepare_store.fn("scannet", str(raw), str(tmp_path / "n.zarr"), captions="none",
+                                  region_captions="none")
+    with disable_run_logger():
+        assert pf.embed_captions.fn("scannet", list(listing), none) is None
 
 
 def test_download_task_fetches_over_http_and_retries_with_backoff(synthetic_scannet, tmp_path, monkeypatch):
@@ -84,11 +114,11 @@ def test_download_task_fetches_over_http_and_retries_with_backoff(synthetic_scan
 
 
 def test_local_workers_are_bounded_by_scenes_and_validated():
-    assert pf.local_workers(4, 2) == 2
-    assert pf.local_workers(1, 5) == 1
-    assert pf.local_workers(None, 1) == 1
+    assert local_workers(4, 2) == 2
+    assert local_workers(1, 5) == 1
+    assert local_workers(None, 1) == 1
     with pytest.raises(InputError, match="workers"):
-        pf.local_workers(0, 3)
+        local_workers(0, 3)
 
 
 # --- the flow on the ephemeral API ----------------------------------------------------------------
@@ -148,17 +178,32 @@ def test_flow_keeps_good_scenes_when_one_fails_and_skips_them_on_rerun(prefect_a
 
 
 @pytest.mark.slow
-def test_flow_runs_scene_tasks_on_an_existing_dask_cluster(prefect_api, synthetic_scannet, tmp_path):
-    from distributed import LocalCluster
+def test_flow_runs_plain_scene_tasks_on_an_existing_dask_cluster(prefect_api, synthetic_scannet,
+                                                                 synthetic_store, tmp_path):
+    """With view and region captions (MiniLM): the worker runs the scene without importing
+    Prefect or torch, and the scene equals the one the plain function wrote in one process."""
+    from distributed import Client, LocalCluster
 
-    first = scene_ids(synthetic_scannet)[0]
+    scenes = scene_ids(synthetic_scannet)[:2]
     store = tmp_path / "s.zarr"
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        summaries = pf.preprocess(raw_dir=str(synthetic_scannet), store=str(store), scenes=[first],
-                                  captions="none", dask_address=cluster.scheduler_address)
-        assert "preprocess_scene" in cluster.scheduler.task_prefixes  # the scene task ran on this cluster
-    assert [(x.scene_id, x.status) for x in summaries] == [(first, "written")]
-    assert open_store(store).scene_ids() == [first]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        state = pf.preprocess(raw_dir=str(synthetic_scannet), store=str(store), scenes=scenes,
+                              dask_address=cluster.scheduler_address, return_state=True)
+        assert "preprocess_scene" in cluster.scheduler.task_prefixes  # the scene tasks ran on this cluster
+        assert list(client.run(heavy_modules).values()) == [[]]  # no torch, transformers, Prefect
+    assert [(x.scene_id, x.status) for x in state.result()] == [(s, "written") for s in scenes]
+    opened, reference = open_store(store), open_store(synthetic_store)
+    assert opened.scene_ids() == scenes
+    for scene_id in scenes:
+        assert opened.scene(scene_id).attrs["frames_without_caption"] == []
+        assert_same_scene(opened.scene(scene_id), reference.scene(scene_id))
+    flow_run = state.state_details.flow_run_id
+    logs = _logs(flow_run)
+    assert "embedded" in logs and "caption texts of 2 scenes with minilm" in logs
+    assert all(f"written scene {s}" in logs for s in scenes)
+    progress = _read(flow_run, "preprocess-scannet-progress")[0]["markdown"]
+    assert float(progress) == 100.0
 
 
 @pytest.mark.slow

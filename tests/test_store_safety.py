@@ -50,8 +50,8 @@ from preprocessing.pipeline import PreprocessConfig, preprocess_scannet_scene
 raw, store, scene, ready, go = sys.argv[1:6]
 if ready != "-":
     added = SceneWriter.add_frame
-    def add_then_wait(self, color, depth):
-        added(self, color, depth)
+    def add_then_wait(self, color, depth, labels=None):
+        added(self, color, depth, labels)
         if self._frames["count"] == 3:
             self._flush_frames()
             pause(ready, go)
@@ -67,7 +67,7 @@ except InputError as error:
 # a whole run (store lock, prepare_store, Dask LocalCluster); optionally stop after prepare_store
 RUN_SCRIPT = PAUSE + """
 from storage.errors import InputError
-from preprocessing import pipeline
+from preprocessing import pipeline, run
 raw, store, scene, wait, ready, go = sys.argv[1:7]
 if ready != "-":
     prepare = pipeline.prepare_store
@@ -77,7 +77,7 @@ if ready != "-":
         return out
     pipeline.prepare_store = prepare_then_wait
 try:
-    summaries = pipeline.run_preprocess("scannet", Path(raw), Path(store), pipeline.PreprocessConfig(
+    summaries = run.run_preprocess("scannet", Path(raw), Path(store), pipeline.PreprocessConfig(
         captions=None, show_progress=False), scenes=[scene], workers=1, lock_wait_s=float(wait))
 except InputError as error:
     print(error)
