@@ -126,8 +126,8 @@ def run_demo(out_dir: Path = Path("demo_output"), tracking_uri: str | None = Non
                    tracking_uri=uri, switches=SWITCHES, caption_supervision=CAPTION_SUPERVISION)
     seconds["train+evaluate"] = time.monotonic() - start
     promoted = False
-    if result.model_version is not None and "fused/hiou" in result.metrics:
-        promoted = promote_if_better(uri, BENCHMARK, result.model_version, result.metrics["fused/hiou"])
+    if result.model_version is not None:
+        promoted = promote_if_better(uri, BENCHMARK, result.model_version, result.metrics).promoted
     name_baseline = caption_name_baseline(store, BENCHMARK, build_text_encoder("minilm"))
     table = result.evaluation.table(extra_rows={"nearest-class-name baseline": name_baseline}) \
         if result.evaluation is not None else ""

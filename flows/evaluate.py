@@ -2,7 +2,8 @@
 
 The task wraps ``xmask3d.engine.evaluate.evaluate``, which also logs the metrics, per-class tables, charts
 and PLY exports to MLflow (a run nested under the model's training run). The flow returns the
-metrics and publishes them as a table artifact.
+metrics and publishes them as a table artifact. Asked for ``models:/NAME@champion`` when no version
+has been promoted yet, it evaluates the newest version instead and says so in the log.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from storage.objects import as_path
 from xmask3d.engine import evaluate as evaluation
+from xmask3d.engine.tracking import champion_or_newest
 
 
 @task(name="evaluate-model", task_run_name="evaluate-{benchmark}", cache_policy=NO_CACHE)
@@ -26,7 +28,8 @@ def evaluate_model(store: str, benchmark: str, model: str, tracking_uri: str | N
     return {"metrics": dict(result.metrics), "run_id": result.run_id, "table": result.table()}
 
 
-@flow(name="evaluate", description="Evaluate an XMask3D model: mIoU base / novel / hIoU per head.")
+@flow(name="evaluate", description="Evaluate an XMask3D model: mIoU base / novel / hIoU per head.",
+      persist_result=True)  # the result is read back by `retrain` when it runs this as a deployment
 def evaluate(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4",
              model: str = "models:/xmask3d-scannet20-b15n4@champion", tracking_uri: str | None = None,
              max_views: int = 0, random_init: bool = False) -> dict[str, float]:
@@ -35,6 +38,9 @@ def evaluate(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4
     model with random Stable Diffusion / CLIP weights."""
     logger = get_run_logger()
     store_path = str(as_path(store).expanduser().resolve())
+    model, note = champion_or_newest(tracking_uri, model)
+    if note:
+        logger.warning(note)
     result = evaluate_model(store_path, benchmark, model, tracking_uri, max_views, random_init)
     metrics = result["metrics"]
     logger.info("%s on %s (MLflow run %s), scores in %%:\n%s", model, benchmark, result["run_id"],

@@ -2,8 +2,10 @@
 
 The task wraps ``xmask3d.engine.train.train``: it trains, evaluates on the store's validation scenes,
 logs everything to MLflow and registers a new model version (alias ``candidate``). The flow then
-moves the alias ``champion`` to that version if its hIoU beats the current champion's (as
-``xmask3d train`` does), unless ``promote=False``. Results are MLflow references and metrics.
+applies the promotion rule (``xmask3d.engine.tracking.promote_if_better``, docs/training.md): the alias
+``champion`` moves to the version only if it beats the majority-class baseline and the current
+champion on the primary metric (as ``xmask3d train`` does), unless ``promote_champion=False``.
+Results are MLflow references, metrics and the promotion decision.
 """
 
 from __future__ import annotations
@@ -17,10 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from storage.objects import as_path
 from xmask3d.engine import train as training
 from xmask3d.engine.evaluate import as_percent
-from xmask3d.engine.tracking import promote_if_better
+from xmask3d.engine.tracking import Promotion, promote_if_better
 from xmask3d.engine.train import train_preset
-
-HIOU = "fused/hiou"  # the number models are compared by
 
 
 @task(name="train-model", task_run_name="train-{benchmark}-{preset}", cache_policy=NO_CACHE)
@@ -41,13 +41,13 @@ def train_model(store: str, benchmark: str, preset: str = "tiny", train_config: 
 
 
 @task(name="promote-if-better", task_run_name="promote-{benchmark}-v{version}", cache_policy=NO_CACHE)
-def promote(tracking_uri: str | None, benchmark: str, version: str, hiou: float) -> bool:
-    """Move the ``champion`` alias to ``version`` if its hIoU beats the champion's; True if moved."""
+def promote(tracking_uri: str | None, benchmark: str, version: str, metrics: dict[str, float]) -> Promotion:
+    """Apply the promotion rule to ``version`` evaluated as ``metrics``; the decision and why."""
+    return promote_if_better(tracking_uri, benchmark, version, metrics)
 
-    return promote_if_better(tracking_uri, benchmark, version, hiou)
 
-
-@flow(name="train", description="Train XMask3D on one benchmark; tracked and registered in MLflow.")
+@flow(name="train", description="Train XMask3D on one benchmark; tracked and registered in MLflow.",
+      persist_result=True)  # the result is read back by `retrain` when it runs this as a deployment
 def train(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4", preset: str = "tiny",
           train_config: dict[str, Any] | None = None, tracking_uri: str | None = None,
           resume: str | None = None, sd_dir: str | None = None, clip_checkpoint: str | None = None,
@@ -64,12 +64,12 @@ def train(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4", 
     store_path = str(as_path(store).expanduser().resolve())
     refs = train_model(store_path, benchmark, preset, train_config, tracking_uri, resume, sd_dir,
                        clip_checkpoint, caption_supervision, random_init)
-    refs["promoted"] = False
-    if promote_champion and refs["model_version"] is not None and HIOU in refs["metrics"]:
-        refs["promoted"] = promote(tracking_uri, benchmark, refs["model_version"], refs["metrics"][HIOU])
-    logger.info("trained %s (%s): MLflow run %s, model %s, %s %.1f %%%s", benchmark, preset, refs["run_id"],
-                refs["model_uri"], HIOU, 100 * refs["metrics"].get(HIOU, float("nan")),
-                " (now champion)" if refs["promoted"] else "")
+    refs["promoted"], refs["promotion"] = False, None
+    if promote_champion and refs["model_version"] is not None:
+        decision = promote(tracking_uri, benchmark, refs["model_version"], refs["metrics"])
+        refs["promoted"], refs["promotion"] = decision.promoted, decision.summary()
+    logger.info("trained %s (%s): MLflow run %s, model %s%s", benchmark, preset, refs["run_id"],
+                refs["model_uri"], f"; {refs['promotion']}" if refs["promotion"] else "")
     rows = [f"| {k} | `{v}` |" for k, v in refs.items() if k != "metrics"]
     rows += [f"| {k} (%) | {v:.1f} |" for k, v in sorted(as_percent(refs["metrics"]).items())]
     create_markdown_artifact("\n".join([f"# train {benchmark} ({preset})", "", "| | |", "|---|---|", *rows]),

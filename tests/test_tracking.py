@@ -57,7 +57,7 @@ def test_run_artifacts_and_alias_on_real_server(mlflow_server, tmp_path):
     ckpt = _fake_checkpoint(tmp_path / "ckpt" / "last.pt")
     run.log_artifact(ckpt, "checkpoints")
     version = tracking.register_model(mlflow_server, run.run_id, "scannet20-b15n4", ckpt, hiou=0.3)
-    assert tracking.promote_if_better(mlflow_server, "scannet20-b15n4", version, 0.3)
+    assert tracking.promote_if_better(mlflow_server, "scannet20-b15n4", version, _metrics(0.3)).promoted
     run.end()
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
@@ -77,23 +77,97 @@ def test_run_artifacts_and_alias_on_real_server(mlflow_server, tmp_path):
     assert champion.run_id == run.run_id
 
 
-def test_promote_only_when_hiou_beats_champion(tmp_path):
+def _metrics(hiou: float, miou_all: float = 0.2, novel: bool = True, baseline_all: float = 0.05) -> dict:
+    """Evaluation metrics as xmask3d.engine.evaluate writes them: fused head and majority-class baseline."""
+    return {"fused/hiou": hiou if novel else float("nan"), "fused/miou_all": miou_all,
+            "fused/miou_base": 0.3, "fused/miou_novel": 0.1 if novel else float("nan"),
+            "baseline/hiou": 0.0 if novel else float("nan"), "baseline/miou_all": baseline_all,
+            "baseline/miou_base": 0.06, "baseline/miou_novel": 0.0 if novel else float("nan")}
+
+
+def test_primary_metric_is_hiou_only_with_novel_classes_in_the_evaluation():
+    assert tracking.primary_metric(_metrics(0.3)) == "fused/hiou"
+    assert tracking.primary_metric(_metrics(0.3, novel=False)) == "fused/miou_all"
+
+
+@pytest.mark.parametrize(("metrics", "champion", "promoted", "reason"), [
+    (_metrics(0.3), None, True, "no champion yet"),
+    (_metrics(float("nan")), None, False, "not finite: fused/hiou=nan"),
+    (_metrics(0.3, miou_all=float("inf")), None, False, "not finite: fused/miou_all=inf"),
+    # mIoU over all classes 0.0 against a 4.1 % majority-class baseline: never promoted
+    (_metrics(0.0, miou_all=0.0, baseline_all=0.041), None, False, "not above the majority-class baseline"),
+    (_metrics(0.3, miou_all=0.04, baseline_all=0.041), None, False, "fused/miou_all 0.0400 <= 0.0410"),
+    (_metrics(0.0), None, True, "no champion yet"),  # hIoU 0 (the baseline's, by construction) but above it
+    (_metrics(0.0), {"fused/hiou": "0.0"}, False, "not better than champion version 1: fused/hiou 0.0000 <="),
+    (_metrics(0.3), {"fused/hiou": "0.4"}, False, "not better than champion version 1: fused/hiou"),
+    (_metrics(0.3), {"fused/hiou": "0.3"}, False, "not better than champion version 1"),
+    (_metrics(0.5), {"fused/hiou": "0.4"}, True, "beats champion version 1: fused/hiou 0.5000 > 0.4000"),
+    (_metrics(0.5), {"fused/hiou": "nan"}, True, "champion version 1 has no finite fused/hiou"),
+    # no novel classes in the evaluation set: judged by mIoU over all classes
+    (_metrics(0.0, miou_all=0.3, novel=False), {"fused/miou_all": "0.25"}, True, "fused/miou_all 0.3000 >"),
+    (_metrics(0.0, miou_all=0.2, novel=False), {"fused/miou_all": "0.25"}, False, "fused/miou_all 0.2000 <="),
+    ({"fused/hiou": 0.3, "fused/miou_all": 0.2}, None, False, "no majority-class baseline/miou_all"),
+])
+def test_promotion_verdict(metrics, champion, promoted, reason):
+    got, _, why = tracking.promotion_verdict(metrics, champion, "1" if champion else None)
+    assert got is promoted
+    assert reason in why
+
+
+def _register(uri: str, tmp_path: Path, benchmark: str) -> str:
+    run = tracking.RunTracker(uri, benchmark)
+    ckpt = _fake_checkpoint(tmp_path / run.run_id / "last.pt")
+    version = tracking.register_model(uri, run.run_id, benchmark, ckpt)
+    run.end()
+    return version
+
+
+def test_promotion_moves_champion_and_tags_why(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    versions = []
-    for hiou in (0.4, 0.3, 0.5):
-        run = tracking.RunTracker(uri, "s3dis-b8n4")
-        ckpt = _fake_checkpoint(tmp_path / run.run_id / "last.pt")
-        version = tracking.register_model(uri, run.run_id, "s3dis-b8n4", ckpt, hiou=hiou)
-        versions.append((version, tracking.promote_if_better(uri, "s3dis-b8n4", version, hiou)))
-        run.end()
-    assert [moved for _, moved in versions] == [True, False, True]
+    bench, name = "s3dis-b8n4", "xmask3d-s3dis-b8n4"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    champion = client.get_model_version_by_alias("xmask3d-s3dis-b8n4", "champion")
-    assert str(champion.version) == versions[2][0]
-    assert str(client.get_model_version_by_alias("xmask3d-s3dis-b8n4", "candidate").version) == versions[2][0]
-    assert tracking.promote_if_better(uri, "s3dis-b8n4", versions[1][0], float("nan")) is False
+    outcomes = []
+    for metrics in (_metrics(0.0, miou_all=0.0), _metrics(0.4), _metrics(0.3), _metrics(0.5)):
+        version = _register(uri, tmp_path, bench)
+        outcomes.append(tracking.promote_if_better(uri, bench, version, metrics))
+    assert [o.promoted for o in outcomes] == [False, True, False, True]
+    assert "no champion yet" in outcomes[1].reason  # the first version never was champion
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert str(champion.version) == outcomes[3].version
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == outcomes[3].version
+    worse = client.get_model_version(name, outcomes[2].version)
+    assert worse.tags["promotion"] == "candidate"
+    assert worse.tags["promotion.metric"] == "fused/hiou"
+    assert "not better than champion version 2" in worse.tags["promotion.reason"]
+    below = client.get_model_version(name, outcomes[0].version)
+    assert "majority-class baseline" in below.tags["promotion.reason"]
+    run_tags = client.get_run(worse.run_id).data.tags  # stated on the training run too
+    assert run_tags["promotion"] == "candidate" and run_tags["promotion.metric"] == "fused/hiou"
+    assert client.get_model_version(name, outcomes[3].version).tags["promotion"] == "champion"
     # artifacts of a SQLite backend go beside the database, never to ./mlruns
     assert (tmp_path / "mlartifacts").is_dir()
+
+
+def test_champion_or_newest_falls_back_with_a_reason(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bench, model = "s3dis-b6n6", "models:/xmask3d-s3dis-b6n6@champion"
+    with pytest.raises(InputError, match="no MLflow database"):
+        tracking.champion_or_newest(uri, model)
+    assert not (tmp_path / "mlflow.db").exists()  # looking did not create one
+    first = _register(uri, tmp_path, bench)
+    tracking.promote_if_better(uri, bench, first, _metrics(0.0, miou_all=0.0))
+    second = _register(uri, tmp_path, bench)
+    tracking.promote_if_better(uri, bench, second, _metrics(float("nan")))
+    chosen, note = tracking.champion_or_newest(uri, model)
+    assert chosen == f"models:/xmask3d-s3dis-b6n6/{second}"
+    assert note.startswith("no champion for xmask3d-s3dis-b6n6: evaluating the newest version")
+    assert "not finite" in note
+    tracking.promote_if_better(uri, bench, _register(uri, tmp_path, bench), _metrics(0.3))
+    assert tracking.champion_or_newest(uri, model) == (model, None)
+    pinned = "models:/xmask3d-s3dis-b6n6/1"
+    assert tracking.champion_or_newest(uri, pinned) == (pinned, None)
+    with pytest.raises(InputError, match="no version of xmask3d-s3dis-b8n4"):
+        tracking.champion_or_newest(uri, "models:/xmask3d-s3dis-b8n4@champion")
 
 
 def test_server_down_is_input_error():

@@ -1,7 +1,10 @@
 """The `xmask3d` command line: one sub-command per flow/stage (see ARCHITECTURE.md, CLI contract).
 
-Heavy libraries are imported inside the commands so `xmask3d --help` stays fast.
-Bad input raises ``storage.errors.InputError`` and exits with code 2 and a one-line message.
+Heavy libraries are imported inside the commands so `xmask3d --help` stays fast, and each command
+checks the inputs it can check cheaply (paths, benchmark names, the MLflow database) before those
+imports. Bad input raises ``storage.errors.InputError`` and exits with code 2 and one line
+``error: ...`` on stderr; any other failure prints one line too and exits 1. ``xmask3d -v CMD``
+shows the traceback (and Prefect's own failure logs) instead.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
+from storage.benchmarks import get_benchmark
 from storage.errors import InputError
 from storage.location import parse_location
 from xmask3d.engine.progress import quiet_library_noise
@@ -30,22 +34,68 @@ app.add_typer(synth_app, name="synth")
 app.add_typer(download_app, name="download")
 app.add_typer(preprocess_app, name="preprocess")
 
+# xmask3d.engine.tracking's default, repeated here so the check runs before MLflow is imported
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+OPTIONS = {"verbose": False}
 
-def fail(message: str) -> None:
-    """Print a one-line error and exit with code 2 (bad input)."""
+
+@app.callback()
+def options(verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="on failure, show the traceback and Prefect's failure logs")] = False
+            ) -> None:
+    """XMask3D pipeline: synthetic data, download, preprocess, train, evaluate."""
+    OPTIONS["verbose"] = verbose
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error and exit with ``code`` (2: bad input)."""
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+class _FailureEchoFilter(logging.Filter):
+    """Drops Prefect's failure records (the traceback, "Finished in state Failed") from the console:
+    the command prints the reason once. They still reach a Prefect server's run logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        if record.levelno >= logging.ERROR:
+            return False
+        message = record.getMessage()
+        return not (message.startswith("Finished in state") and "Completed" not in message)
+
+
+def _quiet_prefect_failures() -> None:
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _FailureEchoFilter) for f in handler.filters):
+            handler.addFilter(_FailureEchoFilter())
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn InputError into exit code 2 with its one-line message."""
+    """InputError -> one line, exit 2; any other error -> one line, exit 1; tracebacks only with -v."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        verbose = OPTIONS["verbose"]
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
         except InputError as error:
-            fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+            if verbose:
+                raise
+            fail(_first_line(error))
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - one line unless --verbose
+            if verbose:
+                raise
+            fail(f"{type(error).__name__}: {_first_line(error)} (xmask3d -v ... shows the traceback)", code=1)
+        return result
 
     return wrapper
 
@@ -61,6 +111,72 @@ def json_object(text: str | None, option: str) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise InputError(f"{option}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def local_or_none(path: Path | str) -> Path | None:
+    """The local directory of a path or store location; None for object storage (checked when opened)."""
+    if isinstance(path, Path):
+        return path
+    location = parse_location(path)
+    return location.local_path() if location.is_local else None
+
+
+def require_dir(path: Path | str, what: str) -> None:
+    """InputError unless ``path`` is an existing directory (a bucket URL is checked when opened)."""
+    if (path := local_or_none(path)) is None:
+        return
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise InputError(f"{what} {path} is not a directory")
+
+
+def require_output(path: Path | str, what: str) -> None:
+    """An output path: its parent exists, and it is not a file where a directory goes."""
+    if (path := local_or_none(path)) is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {path} is a file, not a directory")
+    if not path.resolve().parent.is_dir():
+        raise InputError(f"{what} {path}: parent directory {path.resolve().parent} does not exist")
+
+
+def require_benchmark(name: str) -> None:
+    get_benchmark(name)
+
+
+def require_tracking(tracking_uri: str | None, existing: bool) -> None:
+    """A local SQLite tracking URI needs its directory, and with ``existing`` the database itself
+    (reading a model must not leave an empty ``mlruns.db`` behind)."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):])
+    if not db.resolve().parent.is_dir():
+        raise InputError(f"{uri}: directory {db.resolve().parent} for the MLflow database does not exist")
+    if existing and not db.exists():
+        raise InputError(f"{uri}: no MLflow database {db} (train a model first, or pass --tracking-uri)")
+
+
+def require_model(model: str, tracking_uri: str | None) -> None:
+    """A checkpoint path that exists, or a registry / run reference with a tracking store to read."""
+    if Path(model).exists():
+        return
+    if not model.startswith("models:/") and ("/" in model or "." in model):
+        raise InputError(f"{model}: checkpoint not found")
+    require_tracking(tracking_uri, existing=True)
+
+
+def _prefect_logs_quiet() -> None:
+    """Before a flow runs in this process: one error line instead of Prefect's failure logs."""
+    if not OPTIONS["verbose"]:
+        _quiet_prefect_failures()
+
+
+# The ephemeral Prefect API the commands start: no telemetry from machines that may be offline, and
+# time to start on a loaded machine (Prefect's default, 20 s, is not always enough on 2 cores).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
 def not_implemented(what: str) -> None:
@@ -175,6 +291,8 @@ def preprocess_scannet(
     cluster_jobs: Annotated[int, typer.Option(help="workers (jobqueue: jobs) to ask the cluster for")] = 0,
 ) -> None:
     """Decode, project, caption-embed and store ScanNet scenes."""
+    require_dir(raw, "raw dir")
+    require_output(out, "output store")
     from flows.preprocess import run_locally  # heavy: loaded per command
     from preprocessing.pipeline import format_summaries  # heavy: loaded per command
 
@@ -183,6 +301,7 @@ def preprocess_scannet(
             raise InputError("--clip-model and --clip-checkpoint go together")
         text_encoder = f"openclip:{clip_model}:{clip_checkpoint}"
     ids = [s.strip() for s in scenes.split(",") if s.strip()] if scenes else None
+    _prefect_logs_quiet()
     out = str(parse_location(out))  # a bad or credential-carrying URL never becomes a flow parameter
     summaries, ok = run_locally(dataset="scannet", raw_dir=str(raw), store=out, scenes=ids,
                                 frame_step=frame_step, captions=captions, text_encoder=text_encoder,
@@ -217,6 +336,8 @@ def preprocess_s3dis(
     cluster_jobs: Annotated[int, typer.Option(help="workers (jobqueue: jobs) to ask the cluster for")] = 0,
 ) -> None:
     """Store S3DIS rooms: points and labels, and with --views their 2D-3D-S views and captions."""
+    require_dir(raw, "raw dir")
+    require_output(out, "output store")
     from flows.preprocess import run_locally  # heavy: loaded per command
     from preprocessing.pipeline import format_summaries  # heavy: loaded per command
 
@@ -228,6 +349,7 @@ def preprocess_s3dis(
         if skipped:
             text = ", ".join(f"{n} frames ({why})" for why, n in sorted(skipped.items()))
             typer.echo(f"views skipped: {text}")
+    _prefect_logs_quiet()
     out = str(parse_location(out))  # a bad or credential-carrying URL never becomes a flow parameter
     summaries, ok = run_locally(dataset="s3dis", raw_dir=str(raw), store=out, dask_address=dask_address,
                                 workers=workers, overwrite=overwrite, views=str(views) if views else None,
@@ -284,6 +406,9 @@ def train(
                               "frozen parts; tagged random_init on the MLflow run)")] = False,
 ) -> None:
     """Train XMask3D on one benchmark, tracked in MLflow."""
+    require_dir(store, "store")
+    require_benchmark(benchmark)
+    require_tracking(tracking_uri, existing=False)
     from xmask3d.engine.tracking import promote_if_better  # heavy: loaded per command
     from xmask3d.engine.train import train as run_training  # heavy: loaded per command
     from xmask3d.engine.train import train_preset  # heavy: loaded per command
@@ -302,12 +427,11 @@ def train(
         return
     if result.evaluation is not None:
         typer.echo(result.evaluation.table())
-    promoted = False
-    if result.model_version is not None and "fused/hiou" in result.metrics:
-        hiou = result.metrics["fused/hiou"]
-        promoted = promote_if_better(tracking_uri, benchmark, result.model_version, hiou)
+    decision = None
+    if result.model_version is not None:
+        decision = promote_if_better(tracking_uri, benchmark, result.model_version, result.metrics)
     typer.echo(f"MLflow run {result.run_id}; checkpoint {result.checkpoint_path}; model {result.model_uri}"
-               + (" (now champion)" if promoted else ""))
+               + (f"; {decision.summary()}" if decision else ""))
 
 
 @app.command()
@@ -324,6 +448,9 @@ def evaluate(
     ] = False,
 ) -> None:
     """Evaluate a model: mIoU base / novel / hIoU for the 3D, 2D and fused heads."""
+    require_model(model, tracking_uri)
+    require_dir(store, "store")
+    require_benchmark(benchmark)
     from xmask3d.engine.evaluate import evaluate as run_evaluation  # heavy: loaded per command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -351,6 +478,9 @@ def ablate(
                                                           "else sqlite:///mlruns.db)")] = None,
 ) -> None:
     """Ablation study: train + evaluate model variants as nested MLflow runs, print the comparison table."""
+    require_dir(store, "store")
+    require_benchmark(benchmark)
+    require_tracking(tracking_uri, existing=False)
     from xmask3d.engine.ablate import resolve_variants  # heavy: loaded per command
     from xmask3d.engine.train import check_store, train_preset  # heavy: loaded per command
 
@@ -359,10 +489,11 @@ def ablate(
     names = resolve_variants(variants)  # bad names fail here, before Prefect starts
     overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
     train_preset(preset, **overrides)
-    from storage.benchmarks import get_benchmark  # heavy: loaded per command
 
     check_store(store, get_benchmark(benchmark), need_val=True)
     from flows.ablate import ablate as ablate_flow  # heavy: loaded per command
+
+    _prefect_logs_quiet()
 
     result = ablate_flow(store=str(parse_location(store)), benchmark=benchmark, preset=preset, variants=names,
                          train_config=overrides or None, tracking_uri=tracking_uri, max_views=max_views)
@@ -384,6 +515,10 @@ def render(
                             ] = None,
 ) -> None:
     """Qualitative panels of one scene: views with GT and the 3D / 2D / fused predictions, top-down."""
+    if store is not None:
+        require_dir(store, "store")
+    require_model(run, tracking_uri)
+    require_output(out, "output directory")
     from xmask3d.engine.panels import render_run  # heavy: loaded per command
 
     for path in render_run(run, scene, out, store=store, tracking_uri=tracking_uri, views=views):
@@ -403,10 +538,12 @@ def model_summary(preset: Annotated[str, typer.Option(help="tiny|small|paper")] 
 @user_errors
 def demo(out: Annotated[Path, typer.Option(help="demo output directory")] = Path("demo_output")) -> None:
     """Synthetic data -> preprocess -> train (tiny) -> evaluate, on CPU."""
+    require_output(out, "demo output")
     quiet_library_noise()  # Dask workers too (environment), before distributed is imported
     from flows.demo import report, run_demo  # heavy: loaded per command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _prefect_logs_quiet()
     typer.echo(report(run_demo(out)))
 
 

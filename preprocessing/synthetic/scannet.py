@@ -292,12 +292,33 @@ def write_scene(scene: ScanNetScene, scene_dir: Path, progress: bool = True
     return captions, regions
 
 
+# Each of these rooms holds novel classes of every ScanNet20 split (sofa or bed or desk, toilet, ...).
+NOVEL_ROOMS = ("living", "bedroom_bath", "office")
+
+
+def val_indices(scenes: int) -> list[int]:
+    """Indices of the val scenes: the last max(1, scenes // 4), except that when none of them is a
+    room of NOVEL_ROOMS the first is swapped for the last earlier scene that is, so hIoU is defined
+    on the val split (e.g. 4 scenes: the kitchen would hold no scannet20-b15n4 novel class)."""
+    n_val = max(1, scenes // 4)
+    val = list(range(scenes - n_val, scenes))
+
+    def holds_novel(i: int) -> bool:
+        return ROOM_CYCLE[i % len(ROOM_CYCLE)] in NOVEL_ROOMS
+    if not any(holds_novel(i) for i in val):
+        earlier = [i for i in range(scenes - n_val) if holds_novel(i)]
+        if earlier:
+            val[0] = earlier[-1]
+    return sorted(val)
+
+
 def write_scannet(out_dir: Path, scenes: int = 3, small: bool = False, seed: int = 0,
                   progress: bool = True) -> list[str]:
     """Write `scenes` synthetic scenes in the raw ScanNet v2 layout under `out_dir`; returns scene ids.
 
     Each scene is written into a temporary directory and renamed when complete, so an interrupted
-    run never leaves a complete-looking scene. The last max(1, scenes // 4) scenes form the val split.
+    run never leaves a complete-looking scene. The last max(1, scenes // 4) scenes form the val split
+    (one swapped for an earlier scene when needed so the val split holds novel classes: val_indices).
     """
     out_dir = check_out_dir(out_dir, "scans", scenes, "scenes", seed)
     scans = out_dir / "scans"
@@ -312,8 +333,9 @@ def write_scannet(out_dir: Path, scenes: int = 3, small: bool = False, seed: int
         captions[scene.scene_id], regions[scene.scene_id] = write_scene(scene, tmp, progress)
         move_into_place(tmp, scans / scene.scene_id)
         ids.append(scene.scene_id)
-    n_val = max(1, scenes // 4)
-    train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
+    val_index = set(val_indices(scenes))
+    train = [s for i, s in enumerate(ids) if i not in val_index]
+    val = [s for i, s in enumerate(ids) if i in val_index]
     tsv = "\n".join("\t".join(r) for r in tsv_rows()) + "\n"
     write_text_atomic(out_dir / "scannetv2-labels.combined.tsv", tsv)
     write_text_atomic(out_dir / "scannetv2_train.txt", "".join(f"{s}\n" for s in train))

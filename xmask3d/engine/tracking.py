@@ -7,8 +7,8 @@
   metrics go into the same run.
 - The model is registered as ``xmask3d-<benchmark>`` with an ``mlflow.pyfunc`` flavor
   (:class:`XMask3DPyfunc`) that loads the checkpoint and predicts on a stored scene. Every new
-  version gets the alias ``candidate``; ``champion`` moves only when hIoU beats the current
-  champion's (:func:`promote_if_better`).
+  version gets the alias ``candidate``; ``champion`` moves only when the version passes the
+  promotion rule (:func:`promote_if_better`, docs/training.md "Promotion").
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlsplit, urlunsplit
@@ -283,8 +284,8 @@ def register_model(tracking_uri: str | None, run_id: str, benchmark: str, checkp
                    hiou: float | None = None) -> str:
     """Log the pyfunc model in the run, register a new version, alias it `candidate`.
 
-    Returns the version number as a string. `hiou` is stored as a version tag so
-    :func:`promote_if_better` can compare against it later.
+    Returns the version number as a string. `hiou` is stored as a version tag (for reference;
+    :func:`promote_if_better` records the metrics it judges by).
     """
     uri = resolve_tracking_uri(tracking_uri)
     name = registered_model_name(benchmark)
@@ -307,26 +308,162 @@ def register_model(tracking_uri: str | None, run_id: str, benchmark: str, checkp
     return version
 
 
-def promote_if_better(tracking_uri: str | None, benchmark: str, version: str, hiou: float) -> bool:
-    """Move `champion` to `version` if its hIoU beats the current champion's; True if moved."""
+# --------------------------------------------------------------------------------------------
+# Promotion: when a registered version becomes `champion` (docs/training.md, "Promotion")
+
+PRIMARY_HEAD = "fused"  # the head models are compared by
+PROMOTION_TAG = "promotion"  # "champion" or "candidate", on the version and its run
+PROMOTION_METRICS = ("hiou", "miou_all", "miou_base", "miou_novel")  # stored as version tags
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The promotion decision for one version: the metric it was judged by and why."""
+
+    version: str
+    promoted: bool
+    metric: str  # e.g. "fused/hiou"
+    value: float
+    reason: str
+
+    @property
+    def outcome(self) -> str:
+        return CHAMPION if self.promoted else CANDIDATE
+
+    def summary(self) -> str:
+        """One line for logs and reports, e.g. ``version 3: candidate (below the ...)``."""
+        return f"version {self.version}: {self.outcome} ({self.reason})"
+
+
+def novel_classes_evaluated(metrics: Mapping[str, float]) -> bool:
+    """Whether the evaluation set holds novel classes.
+
+    The majority-class baseline of the same evaluation predicts one base class everywhere, so
+    its novel mIoU is 0 when some novel class occurs in the ground truth and NaN when none does.
+    """
+    value = metrics.get("baseline/miou_novel")
+    return value is not None and math.isfinite(float(value))
+
+
+def primary_metric(metrics: Mapping[str, float]) -> str:
+    """The benchmark's primary metric for these metrics: fused hIoU when the evaluation set has
+    novel classes, else fused mIoU over all classes (hIoU would be 0 or NaN by construction)."""
+    return f"{PRIMARY_HEAD}/{'hiou' if novel_classes_evaluated(metrics) else 'miou_all'}"
+
+
+def _value(metrics: Mapping[str, Any], key: str) -> float:
+    try:
+        return float(metrics[key])
+    except (KeyError, TypeError, ValueError):
+        return math.nan
+
+
+def promotion_verdict(metrics: Mapping[str, float], champion: Mapping[str, float] | None,
+                      champion_version: str | None = None) -> tuple[bool, str, str]:
+    """The rule, without MLflow: -> (promote?, primary metric, reason).
+
+    A model is promoted only when (1) its primary metric and fused mIoU over all classes are
+    finite, (2) its mIoU over all classes beats the majority-class baseline of the same evaluation
+    (the baseline never predicts a novel class, so its hIoU is 0 by construction: mIoU over all
+    classes is where a constant prediction scores), and (3) it beats the champion's recorded
+    value of the primary metric (``champion``: metric -> value; None when there is no champion; a
+    champion without a finite value for the metric is beaten).
+    """
+    metric = primary_metric(metrics)
+    value, miou_all = _value(metrics, metric), _value(metrics, f"{PRIMARY_HEAD}/miou_all")
+    bad = [f"{k}={v}" for k, v in ((metric, value), (f"{PRIMARY_HEAD}/miou_all", miou_all))
+           if not math.isfinite(v)]
+    if bad:
+        return False, metric, "metrics not finite: " + ", ".join(dict.fromkeys(bad))
+    floor = _value(metrics, "baseline/miou_all")
+    if not math.isfinite(floor):
+        return False, metric, "no majority-class baseline/miou_all in the evaluation"
+    if miou_all <= floor:
+        return False, metric, (f"not above the majority-class baseline: {PRIMARY_HEAD}/miou_all "
+                               f"{miou_all:.4f} <= {floor:.4f}")
+    if champion is None:
+        return True, metric, (f"no champion yet; {PRIMARY_HEAD}/miou_all {miou_all:.4f} beats the "
+                              f"majority-class baseline {floor:.4f}; {metric} {value:.4f}")
+    theirs = _value(champion, metric)
+    if not math.isfinite(theirs):
+        return True, metric, f"champion version {champion_version} has no finite {metric}"
+    if value <= theirs:
+        return False, metric, (f"not better than champion version {champion_version}: {metric} "
+                               f"{value:.4f} <= {theirs:.4f}")
+    return True, metric, f"beats champion version {champion_version}: {metric} {value:.4f} > {theirs:.4f}"
+
+
+def promote_if_better(tracking_uri: str | None, benchmark: str, version: str,
+                      metrics: Mapping[str, float]) -> Promotion:
+    """Apply the promotion rule to ``version`` evaluated as ``metrics``; move `champion` if it passes.
+
+    The metrics it was judged by and the decision (tags ``promotion``, ``promotion.metric``,
+    ``promotion.value``, ``promotion.reason``) are recorded on the version and on its run, so the
+    MLflow UI says why a version is or is not the champion.
+    """
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    name = registered_model_name(benchmark)
-    client.set_model_version_tag(name, str(version), HIOU_TAG, str(float(hiou)))
+    name, version = registered_model_name(benchmark), str(version)
+    mine = client.get_model_version(name, version)
+    for key in (f"{head}/{key}" for key in PROMOTION_METRICS for head in (PRIMARY_HEAD, "baseline")):
+        if key in metrics:
+            client.set_model_version_tag(name, version, key, str(float(metrics[key])))
+    if f"{PRIMARY_HEAD}/hiou" in metrics:
+        client.set_model_version_tag(name, version, HIOU_TAG, str(float(metrics[f"{PRIMARY_HEAD}/hiou"])))
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
-    if champion is not None:
-        current = float(champion.tags.get(HIOU_TAG, "nan"))
-        if str(champion.version) == str(version):
-            return False
-        if math.isnan(hiou) or (not math.isnan(current) and hiou <= current):
-            return False
-    elif math.isnan(hiou):
-        return False
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    return True
+    if champion is not None and str(champion.version) == version:
+        metric = champion.tags.get(f"{PROMOTION_TAG}.metric") or primary_metric(metrics)
+        return Promotion(version, True, metric, _value(metrics, metric), "already the champion")
+    recorded = None if champion is None else {k: v for k, v in champion.tags.items()}
+    promoted, metric, reason = promotion_verdict(metrics, recorded,
+                                                 None if champion is None else str(champion.version))
+    result = Promotion(version, promoted, metric, _value(metrics, metric), reason)
+    tags = {PROMOTION_TAG: result.outcome, f"{PROMOTION_TAG}.metric": metric,
+            f"{PROMOTION_TAG}.value": str(result.value), f"{PROMOTION_TAG}.reason": reason}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+        if mine.run_id:
+            client.set_tag(mine.run_id, key, value)
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return result
+
+
+def champion_or_newest(tracking_uri: str | None, model: str) -> tuple[str, str | None]:
+    """``models:/NAME@champion`` when that alias exists; else the newest version of NAME.
+
+    -> (the model URI to use, a log line saying what was chosen and why, or None when the URI is
+    used as given). Other URIs are returned unchanged. InputError when nothing is registered.
+    """
+    prefix, suffix = "models:/", f"@{CHAMPION}"
+    if not (model.startswith(prefix) and model.endswith(suffix)):
+        return model, None
+    name = model[len(prefix):-len(suffix)]
+    uri = resolve_tracking_uri(tracking_uri)
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():  # MlflowClient would create an empty database
+        raise InputError(f"model {model}: no MLflow database at {db} (nothing trained yet?)")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client.get_model_version_by_alias(name, CHAMPION)
+        return model, None
+    except MlflowException:
+        pass
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as error:
+        reason = redact(str(error), secrets_in_url(uri))
+        raise InputError(f"model {model}: registry at {redact_url(uri)} not readable ({reason})") from None
+    if not versions:
+        raise InputError(f"model {model}: no version of {name} is registered at {redact_url(uri)}")
+    newest = max(versions, key=lambda v: int(v.version))
+    why = newest.tags.get(f"{PROMOTION_TAG}.reason", "no promotion decision recorded")
+    note = (f"no champion for {name}: evaluating the newest version {newest.version} instead "
+            f"(not promoted: {why})")
+    return f"{prefix}{name}/{newest.version}", note
 
 
 def resolve_model(model: str, tracking_uri: str | None, download_dir: Path) -> tuple[Path, str | None]:
