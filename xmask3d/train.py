@@ -263,6 +263,30 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def train_step(model: nn.Module, batch: Any, epoch: int, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+               *, device: torch.device, grad_clip: float = 0.0, amp: bool = False, step: int = 0
+               ) -> dict[str, float]:
+    """One optimisation step: batch to the device, forward + losses (bf16 autocast with `amp`),
+    backward, optional clipping, optimizer step. -> {"loss/<term>": value, "grad_norm": ...}."""
+    batch = _to_device(batch, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+    with autocast:
+        losses = loss_fn(model, batch, epoch)
+    loss = losses["loss"]
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss at step {step}: "
+                                 + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    values = {f"loss/{k}": float(v.detach()) for k, v in losses.items()}
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+        values["grad_norm"] = float(norm)
+    optimizer.step()
+    return values
+
+
 def model_state(model: nn.Module, skip_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The state dict without the keys under `skip_prefixes` (weights that reload from files)."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefixes)}
@@ -371,24 +395,10 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main,
                    initial=offset, total=iters_per_epoch, leave=False)
         for batch in bar:
-            batch = _to_device(batch, device)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-            with autocast:
-                losses = loss_fn(train_model, batch, epoch)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}: "
-                                         + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            values = {f"loss/{k}": float(v.detach()) for k, v in losses.items()}
-            if cfg.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-                values["grad_norm"] = float(norm)
+            values = train_step(train_model, batch, epoch, loss_fn, optimizer, device=device,
+                                grad_clip=cfg.grad_clip, amp=use_amp, step=step)
             values.update({f"lr/{n}": g["lr"] for n, g in zip(group_names, optimizer.param_groups,
                                                               strict=True)})
-            optimizer.step()
             scheduler.step()
             step += 1
             values["epoch"] = step / iters_per_epoch
