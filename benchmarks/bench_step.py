@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 import traceback
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from xmask3d.config import preset as model_preset  # noqa: E402
 from xmask3d.config import text_dim  # noqa: E402
 from xmask3d.losses import compute_losses  # noqa: E402
 from xmask3d.model import build_model, parameter_groups  # noqa: E402
-from xmask3d.train import train_step  # noqa: E402
+from xmask3d.train import build_optimizer, host_values, train_step  # noqa: E402
 
 TARGET_S = 2.0
 PHASES = ("step/transfer", "step/forward", "step/losses", "step/backward", "step/optimizer")
@@ -108,12 +109,19 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def __enter__(self):
+        copied: dict[int, weakref.ref] = {}  # host copies already counted, by id
+
         for method in ("tolist", "numpy", "cpu"):
             original = getattr(torch.Tensor, method)
 
             def wrapper(tensor, *a, _original=original, _method=method, **k):
-                self._hit(f".{_method}()")
-                return _original(tensor, *a, **k)
+                ref = copied.get(id(tensor))
+                if ref is None or ref() is not tensor:
+                    self._hit(f".{_method}()")
+                out = _original(tensor, *a, **k)
+                if _method == "cpu":
+                    copied[id(out)] = weakref.ref(out)
+                return out
 
             self._patched.append((method, original))
             setattr(torch.Tensor, method, wrapper)
@@ -221,7 +229,7 @@ def main() -> None:
     batch = host_batch(make_batch(views=args.views, points=args.points, num_base=args.classes, text_dim=dim,
                                   image_size=image_size), device)
     text = torch.nn.functional.normalize(torch.randn(args.classes, dim), dim=-1).to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(model))
+    optimizer = build_optimizer(parameter_groups(model))
     amp = args.amp and device.type == "cuda"
     compile_warmup = None
     if args.compile:
@@ -241,8 +249,9 @@ def main() -> None:
     def step() -> None:
         counter["step"] += 1
         values = train_step(model, batch, epoch, loss_fn, optimizer, device=device, grad_clip=args.grad_clip,
-                            amp=amp, step=counter["step"])
-        del values
+                            amp=amp)
+        if counter["step"] % args.log_every == 0:  # what fit() does: one transfer every log_every steps
+            host_values({**values, "nonfinite": (~torch.isfinite(values["loss/loss"])).long()})
 
     def step_3d() -> None:
         x = model._inputs({k: v.to(device, non_blocking=True) for k, v in batch.items()})

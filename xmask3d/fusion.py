@@ -108,13 +108,15 @@ def gate_query_logits(
 
 
 class FeatureMerger(nn.Module):
-    """Linear(cat(2D, 3D) → D) for covered points; uncovered points keep the 3D feature."""
+    """Linear(cat(2D, 3D) → D) for covered points; uncovered points keep the 3D feature.
+
+    The linear map runs on every point and ``covered`` selects (no data-dependent shapes, so no
+    host synchronisation); uncovered rows receive no gradient."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.linear = nn.Linear(2 * dim, dim)
 
     def forward(self, feats_3d: torch.Tensor, feats_2d: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
-        index = covered.nonzero()[:, 0]
-        merged = self.linear(torch.cat([feats_2d[index], feats_3d[index]], dim=1))
-        return feats_3d.index_put((index,), merged.to(feats_3d.dtype))
+        merged = self.linear(torch.cat([feats_2d, feats_3d], dim=1))
+        return torch.where(covered[:, None], merged.to(feats_3d.dtype), feats_3d)

@@ -64,9 +64,18 @@ class XMask3D(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def _inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The network's inputs; the one cast at the boundary is the uint8 image to float in [0, 1].
+
+        The training step delivers the batch on the device in the loader's dtypes (int32 voxel
+        coordinates, float32 features, int64 indices, uint8 images); a tensor elsewhere (inference
+        callers) is moved here.
+        """
         device = self.classifier.logit_scale.device
         keys = ("voxel_coord", "voxel_feat", "inverse", "uv", "batch_index", "image")
-        out = {k: torch.as_tensor(batch[k]).to(device) for k in keys}
+        out = {}
+        for k in keys:
+            value = torch.as_tensor(batch[k])
+            out[k] = value if value.device == device else value.to(device, non_blocking=True)
         out["images"] = out.pop("image").float() / 255.0
         return out
 
@@ -74,14 +83,14 @@ class XMask3D(nn.Module):
         """point_feat [N,D], global_3d [B,D] (None without the implicit condition), binary_logit
         [N] (None without the binary head)."""
         b = x["images"].shape[0]
-        feat = x["voxel_feat"].float()
+        sparse = sparse_input(x["voxel_coord"], x["voxel_feat"], b)  # one input for both UNets
         if self.cfg.implicit_condition:
-            out: dict[str, Any] = self.backbone3d(x["voxel_coord"], feat, x["inverse"], b)
+            out: dict[str, Any] = self.backbone3d.forward_sparse(sparse, x["inverse"])
         else:
-            _, final = self.backbone3d.unet(sparse_input(x["voxel_coord"], feat, b))
+            _, final = self.backbone3d.unet(sparse)
             out = {"point_feat": self.backbone3d.head(final)[x["inverse"]], "global_3d": None}
         head = self.binary_head
-        out["binary_logit"] = head(x["voxel_coord"], feat, x["inverse"], b) if head is not None else None
+        out["binary_logit"] = head.forward_sparse(sparse, x["inverse"]) if head is not None else None
         return out
 
     def _generate(self, images: torch.Tensor, global_3d: torch.Tensor | None) -> dict[str, Any]:
@@ -104,7 +113,8 @@ class XMask3D(nn.Module):
         the mask regularisation is active: point_probs [N,Q], mask_confidence [B,Q], mask_clip [B,Q,D].
         """
         x = self._inputs(batch)
-        base_text = base_text.to(x["images"].device, torch.float32)
+        if base_text.device != x["images"].device or base_text.dtype != torch.float32:
+            base_text = base_text.to(x["images"].device, torch.float32)
         size = tuple(x["images"].shape[-2:])
         three = self.encode_3d(x)
         feats_3d = three["point_feat"]

@@ -77,6 +77,9 @@ class TrainConfig:
     contra_start_epoch: int | None = None  # None = the benchmark's (50 / 75 epochs)
     torch_threads: int = 0  # > 0: torch.set_num_threads (intra-op threads); 0 = torch's default
     augment: bool = False  # the official voxeliser rotation/scale of the 3D input (storage.dataset)
+    # torch.compile the 2D heads (pixel decoder, transformer decoder, feature projections); the
+    # first steps pay the compilation (docs/benchmarks.md, training step)
+    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -253,38 +256,76 @@ class FitResult:
     last_losses: dict[str, float]
 
 
+# Batch keys that stay on the host: the per-sample layout (cumulative point counts), read on the
+# host to slice the batch per sample without a device read.
+HOST_KEYS = frozenset({"offset"})
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors to `device` (non-blocking: the loader pins them when the device is a GPU), in the
+    dtypes the loader made (the model casts at its inputs); ``HOST_KEYS`` of a mapping stay."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: v if k in HOST_KEYS else _to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, list):
         return [_to_device(v, device) for v in batch]
     return batch
 
 
+def build_optimizer(groups: list[dict[str, Any]], betas: tuple[float, float] = (0.9, 0.999),
+                    weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW with the fused kernel: one kernel for every parameter, and no per-parameter host
+    reads of the step counters as the for-loop implementation does."""
+    return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, fused=True)
+
+
+@torch.no_grad()
+def clip_gradients(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients so their global L2 norm is at most `max_norm` (as
+    ``torch.nn.utils.clip_grad_norm_``) with multi-tensor kernels on every device; -> the norm
+    before clipping, a device tensor (nothing is read on the host)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
 def train_step(model: nn.Module, batch: Any, epoch: int, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
-               *, device: torch.device, grad_clip: float = 0.0, amp: bool = False, step: int = 0
-               ) -> dict[str, float]:
+               *, device: torch.device, grad_clip: float = 0.0, amp: bool = False
+               ) -> dict[str, torch.Tensor]:
     """One optimisation step: batch to the device, forward + losses (bf16 autocast with `amp`),
-    backward, optional clipping, optimizer step. -> {"loss/<term>": value, "grad_norm": ...}."""
-    batch = _to_device(batch, device)
+    backward, optional clipping, optimizer step.
+
+    -> {"loss/<term>": value, "grad_norm": ...} as detached 0-d device tensors: the step reads
+    nothing on the host (a GPU never waits for Python), the caller transfers them with
+    :func:`host_values` every ``log_every`` steps.
+    """
+    with torch.profiler.record_function("step/transfer"):
+        batch = _to_device(batch, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
     with autocast:
         losses = loss_fn(model, batch, epoch)
-    loss = losses["loss"]
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss at step {step}: "
-                                 + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    values = {f"loss/{k}": float(v.detach()) for k, v in losses.items()}
-    if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(
-            [p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-        values["grad_norm"] = float(norm)
-    optimizer.step()
+    with torch.profiler.record_function("step/backward"):
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+    values = {f"loss/{k}": v.detach() for k, v in losses.items()}
+    with torch.profiler.record_function("step/optimizer"):
+        if grad_clip > 0:
+            values["grad_norm"] = clip_gradients([p for g in optimizer.param_groups for p in g["params"]],
+                                                 grad_clip)
+        optimizer.step()
     return values
+
+
+def host_values(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Device scalars -> Python floats in one transfer (one host synchronisation)."""
+    if not values:
+        return {}
+    numbers = torch.stack([v.float().reshape(()) for v in values.values()]).tolist()
+    return dict(zip(values, numbers, strict=True))
 
 
 def model_state(model: nn.Module, skip_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -330,7 +371,7 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
     if resume is not None:
         load_model_state(model, resume["model"], skip_prefixes)
     groups = param_groups(model, cfg.lr_3d, cfg.lr_other, is_3d, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(groups, cfg.betas, cfg.weight_decay)
     train_model: nn.Module = model
     if info.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -367,8 +408,23 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
     last: dict[str, float] = {}
     written: Path | None = None
 
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # steps with a non-finite loss
+    checked = step  # the last step whose losses were read on the host
+
+    def transfer(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """The step's values on the host, with every step since the last transfer checked finite."""
+        nonlocal checked
+        host = host_values({**values, "nonfinite": nonfinite})
+        if host.pop("nonfinite"):
+            raise FloatingPointError(f"non-finite loss in steps {checked + 1}-{step}; at step {step}: "
+                                     + ", ".join(f"{k}={v:.4g}" for k, v in host.items()))
+        checked = step
+        return host
+
     def save() -> None:
         nonlocal written
+        if checked != step:
+            transfer({})  # no checkpoint of weights updated with a non-finite loss
         rng = _gather_rng(info)
         if info.is_main:
             written = save_checkpoint(ckpt_path, {
@@ -396,18 +452,18 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
                    initial=offset, total=iters_per_epoch, leave=False)
         for batch in bar:
             values = train_step(train_model, batch, epoch, loss_fn, optimizer, device=device,
-                                grad_clip=cfg.grad_clip, amp=use_amp, step=step)
-            values.update({f"lr/{n}": g["lr"] for n, g in zip(group_names, optimizer.param_groups,
-                                                              strict=True)})
+                                grad_clip=cfg.grad_clip, amp=use_amp)
+            nonfinite.add_(~torch.isfinite(values["loss/loss"]))  # read at the next transfer
+            lrs = {f"lr/{n}": g["lr"] for n, g in zip(group_names, optimizer.param_groups, strict=True)}
             scheduler.step()
             step += 1
-            values["epoch"] = step / iters_per_epoch
-            last = values
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value
-            bar.set_postfix(loss=f"{values['loss/loss']:.3f}")
-            if on_log is not None and info.is_main and (step % cfg.log_every == 0 or step == total_steps):
-                on_log(values, step)
+            if step % cfg.log_every == 0 or step == total_steps:  # the one transfer to the host
+                last = {**transfer(values), **lrs, "epoch": step / iters_per_epoch}
+                bar.set_postfix(loss=f"{last['loss/loss']:.3f}")
+                if on_log is not None and info.is_main:
+                    on_log(last, step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save()
         bar.close()
