@@ -169,6 +169,7 @@ def profile_step(step, device: torch.device, steps: int) -> dict[str, Any]:
             step()
         synchronize(device)
     ops: collections.Counter[str] = collections.Counter()
+    to_by_phase: collections.Counter[str] = collections.Counter()
     phase_cpu: dict[str, float] = dict.fromkeys(PHASES, 0.0)
     phase_dev: dict[str, float] = dict.fromkeys(PHASES, 0.0)
     for event in prof.events():
@@ -177,6 +178,11 @@ def profile_step(step, device: torch.device, steps: int) -> dict[str, Any]:
             phase_dev[event.name] += getattr(event, "device_time_total", 0.0) / 1e6
         elif event.name.startswith("aten::"):
             ops[event.name] += 1
+            if event.name == "aten::to":
+                parent = event.cpu_parent
+                while parent is not None and parent.name not in phase_cpu:
+                    parent = parent.cpu_parent
+                to_by_phase[parent.name if parent is not None else "outside"] += 1
     counter = SyncCounter()
     with counter:
         for _ in range(steps):
@@ -186,6 +192,7 @@ def profile_step(step, device: torch.device, steps: int) -> dict[str, Any]:
         "steps": steps,
         "aten_ops": sum(ops.values()) / steps,
         "aten_to": ops["aten::to"] / steps,
+        "aten_to_by_phase": {k: to_by_phase[k] / steps for k in (*PHASES, "outside")},
         "aten_to_copy": ops["aten::_to_copy"] / steps,
         "aten_copy_": ops["aten::copy_"] / steps,
         "syncs": sum(counter.kinds.values()) / steps,
@@ -230,6 +237,7 @@ def main() -> None:
                                   image_size=image_size), device)
     text = torch.nn.functional.normalize(torch.randn(args.classes, dim), dim=-1).to(device)
     optimizer = build_optimizer(parameter_groups(model))
+    result_params = sum(len(g["params"]) for g in optimizer.param_groups)
     amp = args.amp and device.type == "cuda"
     compile_warmup = None
     if args.compile:
@@ -260,7 +268,7 @@ def main() -> None:
 
     result: dict[str, Any] = {"preset": args.preset, "device": str(device), "views": args.views,
                               "points": args.points, "threads": args.threads, "amp": amp,
-                              "compile": args.compile}
+                              "compile": args.compile, "parameter_tensors": result_params}
     if args.compile:
         step()  # the first call compiles
         synchronize(device)
@@ -302,6 +310,8 @@ def main() -> None:
             print(f"per-phase device time (s, profiled): {phases}")
         print(f"operators per step: {prof['aten_ops']:.0f}; aten::to {prof['aten_to']:.0f}, "
               f"aten::_to_copy {prof['aten_to_copy']:.0f}, aten::copy_ {prof['aten_copy_']:.0f}")
+        print("aten::to per phase: " + ", ".join(
+            f"{k.split('/')[-1]} {v:.0f}" for k, v in prof["aten_to_by_phase"].items()))
         print(f"host synchronisations per step: {prof['syncs']:.0f}")
         for kind, count in prof["sync_kinds"].items():
             print(f"  {count:7.1f}  {kind}")

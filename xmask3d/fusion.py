@@ -119,4 +119,4 @@ class FeatureMerger(nn.Module):
 
     def forward(self, feats_3d: torch.Tensor, feats_2d: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
         merged = self.linear(torch.cat([feats_2d, feats_3d], dim=1))
-        return torch.where(covered[:, None], merged.to(feats_3d.dtype), feats_3d)
+        return torch.where(covered[:, None], merged, feats_3d)

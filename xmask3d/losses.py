@@ -285,12 +285,12 @@ class SetCriterion:
         target_classes[batch_idx, query_idx] = torch.cat([t["labels"] for t in targets])[target_idx]
         class_weight = torch.ones(num_classes + 1, dtype=torch.float32, device=device)
         class_weight[-1] = cfg.eos_coef
-        loss_ce = F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, class_weight)
+        loss_ce = F.cross_entropy(pred_logits.transpose(1, 2), target_classes, class_weight)
         if pairs.shape[1] == 0:
             zero = pred_masks.sum() * 0.0
             return {"loss_ce": loss_ce, "loss_mask": zero, "loss_dice": zero}
-        src = pred_masks[batch_idx, query_idx][:, None].float()
-        tgt = torch.cat([t["masks"] for t in targets])[target_idx][:, None].to(src.dtype)
+        src = pred_masks[batch_idx, query_idx][:, None]
+        tgt = torch.cat([t["masks"] for t in targets])[target_idx][:, None]
         with torch.no_grad():
             coords = uncertain_points(src, cfg.num_points, cfg.oversample_ratio, cfg.importance_sample_ratio,
                                       draws)
@@ -353,7 +353,7 @@ def ce_3d(
         labels = torch.where(first & ~valid.any(), num_classes - 1, labels)
         valid = valid | (first & ~valid.any())
     # the mean over the valid points; exact 0 when there are none
-    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+    total = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
     return total / valid.sum().clamp(min=1)
 
 
@@ -371,7 +371,7 @@ def caption_loss(
     count = feats.new_zeros(b).index_add(0, batch_index, weight)
     valid = has_caption & (count > 0)
     mean = total / count.clamp(min=1e-12)[:, None]  # views without points: 0 / tiny, masked below
-    terms = (1 - F.cosine_similarity(mean, captions.to(mean.dtype), dim=-1)) * valid
+    terms = (1 - F.cosine_similarity(mean, captions, dim=-1)) * valid
     return terms.sum() / valid.sum().clamp(min=1)  # exact 0 without a valid view
 
 
@@ -429,8 +429,8 @@ def binary_loss(logits: torch.Tensor, binary: torch.Tensor, pos_weight: float) -
     """BCE-with-logits (pos_weight) of the base (1) vs novel (0) head; 255 = ignored."""
     valid = binary != IGNORE
     weight = logits.new_full((), pos_weight, dtype=torch.float32)
-    target = torch.where(valid, binary, 0).to(torch.float32)
-    loss = F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=weight, reduction="none")
+    target = torch.where(valid, binary, 0)
+    loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight, reduction="none")
     return (loss * valid).sum() / valid.sum().clamp(min=1)  # mean over the valid points, 0 without
 
 
@@ -505,8 +505,7 @@ def mask_regularisation(
         chosen = select_masks(inside, binary[pts], confidence[b].detach(), cfg)  # [Q]
         weights = inside.to(feats_3d.dtype)  # [n, Q]
         mean = (weights.T @ feats_3d[pts]) / weights.sum(0).clamp(min=1)[:, None]
-        target = mask_clip[b].detach().to(mean.dtype)
-        total = total + ((1 - F.cosine_similarity(mean, target, dim=-1)) * chosen).sum()
+        total = total + ((1 - F.cosine_similarity(mean, mask_clip[b].detach(), dim=-1)) * chosen).sum()
         count = count + chosen.sum()
     return total / count.clamp(min=1), count
 
@@ -584,9 +583,16 @@ def compute_losses(
 ) -> dict[str, torch.Tensor]:
     """Every loss term (unweighted, official names) and ``total`` = Σ weight·term.
 
-    ``outputs`` is ``XMask3D.forward``'s dict; ``batch`` the collate output (label_base, binary,
-    uv, batch_index, caption, has_caption).
+    ``outputs`` is ``XMask3D.forward``'s dict (float32: the model casts its outputs); ``batch`` the
+    collate output on the same device (label_base, binary, uv, batch_index, caption, has_caption;
+    ``offset`` on the host). The losses run in float32 with autocast off (as Mask2Former's criterion).
     """
+    with torch.autocast(outputs["pred_logits"].device.type, enabled=False):
+        return _compute_losses(outputs, batch, cfg, epoch)
+
+
+def _compute_losses(outputs: dict[str, Any], batch: dict[str, Any], cfg: LossConfig, epoch: int
+                    ) -> dict[str, torch.Tensor]:
     pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
     batch_size, num_classes = pred_logits.shape[0], pred_logits.shape[-1] - 1
     # the batch is on the device in its final dtypes (xmask3d.train.train_step); nothing is moved here
@@ -645,5 +651,6 @@ def compute_losses(
         sizes = view_sizes(batch, batch_size) if cfg.contra_active(epoch) else []
         losses["loss_3d_contra"] = _regularisation_term(outputs, sizes, binary, cfg, epoch)
     weights = loss_weights(cfg, len(outputs.get("aux") or []))
-    losses["total"] = sum(weights[k] * v for k, v in losses.items())
+    factors = torch.tensor([weights[k] for k in losses], dtype=torch.float32)
+    losses["total"] = torch.stack(list(losses.values())) @ factors.to(pred_logits.device, non_blocking=True)
     return losses

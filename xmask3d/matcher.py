@@ -58,14 +58,14 @@ class HungarianMatcher:
         masks: torch.Tensor,
         coords: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Cost [Q,M] for one image: pred_logits [Q,K+1], pred_masks [Q,h,w], labels [M], masks [M,H,W];
-        ``coords`` [1,P,2] = the sample points (None: drawn here)."""
-        prob = pred_logits.float().softmax(-1)
+        """Cost [Q,M] for one image: pred_logits [Q,K+1], pred_masks [Q,h,w], labels [M], masks [M,H,W]
+        (float32); ``coords`` [1,P,2] = the sample points (None: drawn here)."""
+        prob = pred_logits.softmax(-1)
         cost_class = -prob[:, labels]
         if coords is None:
             coords = self.draw_points(pred_masks.device)
-        out = point_sample(pred_masks[:, None].float(), coords.expand(len(pred_masks), -1, -1))[:, 0]
-        tgt = point_sample(masks[:, None].float(), coords.expand(len(masks), -1, -1))[:, 0]
+        out = point_sample(pred_masks[:, None], coords.expand(len(pred_masks), -1, -1))[:, 0]
+        tgt = point_sample(masks[:, None], coords.expand(len(masks), -1, -1))[:, 0]
         return (
             self.cost_mask * pairwise_sigmoid_ce(out, tgt)
             + self.cost_class * cost_class

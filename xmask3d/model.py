@@ -42,6 +42,17 @@ from xmask3d.losses import mask_confidence
 from xmask3d.mask_generator import MaskClassifier, MaskGenerator
 
 
+def _float32(value: Any) -> Any:
+    """Floating tensors (in dicts and lists too) as float32; a tensor already float32 is returned as is."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+    if isinstance(value, dict):
+        return {k: _float32(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_float32(v) for v in value]
+    return value
+
+
 class XMask3D(nn.Module):
     """3D UNet + binary head + 3D-conditioned diffusion mask generator + MaskCLIP + fusion."""
 
@@ -57,6 +68,16 @@ class XMask3D(nn.Module):
         self.classifier = MaskClassifier(text_dim, null_init)
         self.clip = ClipImageTower(cfg.clip, text_dim)
         self.merger = FeatureMerger(text_dim) if cfg.fusion else None
+
+    def compile_heads(self, **options: Any) -> None:
+        """``torch.compile`` the trainable 2D heads in place: the feature projections, the pixel
+        decoder and the transformer decoder (``TrainConfig.compile``). ``nn.Module.compile`` keeps
+        parameter names, so checkpoints are unchanged; the first steps pay the compilation
+        (docs/benchmarks.md). The SD UNet / VAE (frozen, run through hooks) and the sparse 3D
+        branch (spconv) are left eager."""
+        generator = self.mask_generator
+        for module in (*generator.projections, generator.pixel_decoder, generator.decoder):
+            module.compile(**options)
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         """Pretrained parts that are never trained (SD UNet, VAE, CLIP image tower)."""
@@ -142,7 +163,8 @@ class XMask3D(nn.Module):
             del probs
         feats_2d, covered, fused = self._fuse(x, feats_3d, point_mask, mask_embed)
         with_null = self.cfg.loss.ce_null_column
-        return {
+        # the output boundary: float32 for the losses (a cast only under autocast)
+        return _float32({
             "pred_logits": pred_logits,
             "pred_masks": pred_masks,
             "aux": aux,
@@ -157,7 +179,7 @@ class XMask3D(nn.Module):
             "global_3d": three["global_3d"],
             "image_size": size,
             **extra,
-        }
+        })
 
     @torch.no_grad()
     def infer(

@@ -687,6 +687,8 @@ def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, mo
     seed_everything(cfg.seed)
     # the null class starts at the text embedding of "" (official), in the run's text space
     model = build_model(model_cfg, encoder.dim, null_init=encoder.encode([""])[0])
+    if cfg.compile:
+        model.compile_heads()
     seed_everything(cfg.seed + 1000 * info.rank)
     base_text = encoder.encode(list(bench.base)).to(info.device)
     dataset = SceneViewDataset(store_path, bench.name, split="train", mode="train", voxel_size=cfg.voxel_size,
