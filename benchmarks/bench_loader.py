@@ -68,7 +68,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
     def __init__(self, ref_dir: Path, scene_ids: list[str], views: dict[str, np.ndarray], loop: int,
                  seed: int) -> None:
-        from preprocessing.benchmarks import get_benchmark
+        from storage.benchmarks import get_benchmark
         from storage.dataset import voxelize
 
         self.dir, self.scene_ids, self.views, self.loop, self.seed = ref_dir, scene_ids, views, loop, seed

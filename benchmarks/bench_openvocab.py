@@ -3,7 +3,7 @@ captions, and region captions.
 
 Same run, same synthetic scenes (16: 12 train, 4 held out), same seeds: the model trained in each
 condition, the majority-class baseline and the nearest-class-name baseline, all scored on the
-held-out scenes (xmask3d.openvocab), with boundary IoU. Prints the table (mean [min, max] over
+held-out scenes (xmask3d.engine.openvocab), with boundary IoU. Prints the table (mean [min, max] over
 seeds) and the per-seed novel-mIoU gains over no captions; everything is logged to MLflow.
 
     .venv/bin/python benchmarks/bench_openvocab.py --out openvocab_output --seeds 0 1 2
@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared cores: no OpenMP busy-waiting
 
-from xmask3d.openvocab import (  # noqa: E402
+from xmask3d.engine.openvocab import (  # noqa: E402
     CONDITIONS,
     OpenVocabConfig,
     OpenVocabResult,

@@ -41,11 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.model.synthetic_batch import make_batch  # noqa: E402
-from xmask3d.config import preset as model_preset  # noqa: E402
-from xmask3d.config import text_dim  # noqa: E402
-from xmask3d.losses import compute_losses  # noqa: E402
-from xmask3d.model import build_model, parameter_groups  # noqa: E402
-from xmask3d.train import build_optimizer, host_values, train_step  # noqa: E402
+from xmask3d.engine.train import build_optimizer, host_values, train_step  # noqa: E402
+from xmask3d.network.config import preset as model_preset  # noqa: E402
+from xmask3d.network.config import text_dim  # noqa: E402
+from xmask3d.network.losses import compute_losses  # noqa: E402
+from xmask3d.network.model import build_model, parameter_groups  # noqa: E402
 
 TARGET_S = 2.0
 PHASES = ("step/transfer", "step/forward", "step/losses", "step/backward", "step/optimizer")

@@ -1,4 +1,4 @@
-"""ablate/<benchmark>: the component ablation study as a flow (logic in ``xmask3d.ablate``).
+"""ablate/<benchmark>: the component ablation study as a flow (logic in ``xmask3d.engine.ablate``).
 
 Opens a parent MLflow run, trains and evaluates each variant as a nested run (one task per variant,
 in order: each one trains a model), then writes the comparison table (hIoU, mIoU base, mIoU novel of
@@ -14,12 +14,20 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from xmask3d.engine.ablate import (
+    VariantResult,
+    end_failed,
+    finish_ablation,
+    resolve_variants,
+    run_variant,
+    start_ablation,
+)
+
 
 @task(name="start-ablation", cache_policy=NO_CACHE)
 def start(store: str, benchmark: str, preset: str, variants: list[str], tracking_uri: str | None,
           train_config: dict[str, Any] | None) -> str:
     """Check the inputs, open the parent MLflow run; -> its run id."""
-    from xmask3d.ablate import start_ablation
 
     return start_ablation(Path(store), benchmark, preset, variants, tracking_uri, train_config)
 
@@ -29,7 +37,6 @@ def variant_run(store: str, benchmark: str, preset: str, variant: str, parent_ru
                 tracking_uri: str | None, train_config: dict[str, Any] | None, max_views: int,
                 panel_scenes: int) -> dict[str, Any]:
     """Train and evaluate one variant as a nested MLflow run; -> its result as plain data."""
-    from xmask3d.ablate import run_variant
 
     return run_variant(Path(store), benchmark, preset, variant, parent_run_id, tracking_uri, train_config,
                        max_views, panel_scenes).to_dict()
@@ -39,7 +46,6 @@ def variant_run(store: str, benchmark: str, preset: str, variant: str, parent_ru
 def finish(parent_run_id: str, benchmark: str, preset: str, results: list[dict[str, Any]],
            tracking_uri: str | None) -> dict[str, Any]:
     """Comparison table into the parent run (markdown + CSV), run ended; -> rows and markdown."""
-    from xmask3d.ablate import VariantResult, finish_ablation
 
     done = finish_ablation(parent_run_id, benchmark, preset, [VariantResult.from_dict(r) for r in results],
                            tracking_uri)
@@ -56,7 +62,6 @@ def ablate(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4",
     ``{"epochs": 1}``); ``max_views`` limits the views per validation scene (0 = all).
     -> parent_run_id, variants (per-variant results), rows (the table).
     """
-    from xmask3d.ablate import end_failed, resolve_variants
 
     logger = get_run_logger()
     names = resolve_variants(variants)

@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flows.preprocess import run_locally
+from preprocessing.synthetic import write_scannet
+from preprocessing.text import build_text_encoder
 from storage.errors import InputError
+from xmask3d.engine.openvocab import caption_name_baseline
+from xmask3d.engine.tracking import promote_if_better
+from xmask3d.engine.train import train, train_preset
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,6 @@ class DemoResult:
 
 def demo_train_config(out_dir: Path, **overrides: Any):
     """The `tiny` recipe with checkpoints under the demo directory."""
-    from xmask3d.train import train_preset
 
     return train_preset(PRESET, **{"checkpoint_dir": str(out_dir / "checkpoints"), "loop": LOOP,
                                    "epochs": EPOCHS, **overrides})
@@ -88,12 +93,6 @@ def _raw_complete(raw: Path) -> bool:
 def run_demo(out_dir: Path = Path("demo_output"), tracking_uri: str | None = None, workers: int = 2,
              train_overrides: dict[str, Any] | None = None) -> DemoResult:
     """Run the pipeline end to end; re-running reuses the raw data and the store (skipped scenes)."""
-    from flows.preprocess import run_locally
-    from preprocessing.synthetic import write_scannet
-    from xmask3d.openvocab import caption_name_baseline
-    from xmask3d.text import build_text_encoder
-    from xmask3d.tracking import promote_if_better
-    from xmask3d.train import train
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -1,6 +1,6 @@
 """evaluate/<benchmark>: per-view inference, ensembling and mIoU base / novel / hIoU of one model.
 
-The task wraps ``xmask3d.evaluate.evaluate``, which also logs the metrics, per-class tables, charts
+The task wraps ``xmask3d.engine.evaluate.evaluate``, which also logs the metrics, per-class tables, charts
 and PLY exports to MLflow (a run nested under the model's training run). The flow returns the
 metrics and publishes them as a table artifact.
 """
@@ -13,15 +13,17 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from xmask3d.engine import evaluate as evaluation
+
 
 @task(name="evaluate-model", task_run_name="evaluate-{benchmark}", cache_policy=NO_CACHE)
 def evaluate_model(store: str, benchmark: str, model: str, tracking_uri: str | None = None,
                    max_views: int = 0) -> dict[str, object]:
     """Evaluate ``model`` (models:/NAME@alias, models:/NAME/VERSION, a run id or a checkpoint)."""
-    from xmask3d.evaluate import evaluate
 
-    evaluation = evaluate(Path(store), benchmark, model, tracking_uri=tracking_uri, max_views=max_views)
-    return {"metrics": dict(evaluation.metrics), "run_id": evaluation.run_id, "table": evaluation.table()}
+    result = evaluation.evaluate(Path(store), benchmark, model, tracking_uri=tracking_uri,
+                                 max_views=max_views)
+    return {"metrics": dict(result.metrics), "run_id": result.run_id, "table": result.table()}
 
 
 @flow(name="evaluate", description="Evaluate an XMask3D model: mIoU base / novel / hIoU per head.")

@@ -30,13 +30,18 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
+from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.tasks import exponential_backoff
 from prefect_dask import DaskTaskRunner
 
 from preprocessing import pipeline
+from preprocessing.captions import resolve_captions, resolve_region_captions
+from preprocessing.s3dis.download import download_s3dis
+from preprocessing.s3dis.views import view_captions
+from preprocessing.scannet.download import download_scannet
 from storage.errors import InputError
-from storage.store import open_store
+from storage.store import open_store, store_lock
 
 DATASETS = ("scannet", "s3dis")
 
@@ -55,15 +60,8 @@ def download(dataset: str, raw_dir: str, url: str | None = None, mirror: str | N
              scenes: list[str] | None = None) -> str:
     """Fetch the raw files into ``raw_dir`` (complete files are kept, so a retry resumes); -> raw_dir."""
     if dataset == "scannet":
-        from preprocessing.scannet.download import download_scannet
-
         download_scannet(Path(raw_dir), url=url, mirror=Path(mirror) if mirror else None, scenes=scenes)
         return raw_dir
-    try:
-        from preprocessing.s3dis.download import download_s3dis
-    except ImportError as error:
-        raise InputError("no S3DIS downloader in this version: put Stanford3dDataset_v1.2 under raw_dir "
-                         "and run without url/mirror") from error
     download_s3dis(Path(raw_dir), url=url, mirror=Path(mirror) if mirror else None)
     return raw_dir
 
@@ -84,12 +82,11 @@ def prepare_store(dataset: str, raw_dir: str, store: str, scenes: list[str] | No
     if not raw.is_dir():
         raise InputError(f"raw dir {raw} does not exist")
     if dataset == "s3dis":  # S3DIS captions belong to the 2D-3D-S views (default: VIEWS/captions.json)
-        from preprocessing.s3dis.views import view_captions
 
         caption_file = view_captions(Path(views), captions) if views else None
     else:
-        caption_file = pipeline.resolve_captions(raw, captions)
-    region_file = pipeline.resolve_region_captions(raw, region_captions) if dataset == "scannet" else None
+        caption_file = resolve_captions(raw, captions)
+    region_file = resolve_region_captions(raw, region_captions) if dataset == "scannet" else None
     cfg = pipeline.PreprocessConfig(frame_step=frame_step, overwrite=overwrite, text_encoder=text_encoder,
                                     captions=caption_file, views=Path(views) if views else None,
                                     region_captions=region_file)
@@ -133,7 +130,6 @@ def api_shared_with_workers() -> Iterator[None]:
     if get_current_settings().api.url:
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the running ephemeral server of this process
     if not server.running:
@@ -152,16 +148,16 @@ def _dropped_text(dropped: dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items()) if n) or "none"
 
 
-def skip_complete(store: str, listing: dict[str, str]) -> dict[str, pipeline.SceneSummary]:
-    """Summaries of the scenes already complete in the store (the store is the cache)."""
+def skip_complete(store: str, listing: dict[str, str], dataset: str, raw_dir: str,
+                  cfg: pipeline.PreprocessConfig) -> dict[str, pipeline.SceneSummary]:
+    """Summaries of the scenes complete in the store with this run's settings (the store is the cache)."""
     opened = open_store(store)
     done = {}
-    for scene_id in listing:
-        if opened.is_complete(scene_id):
-            scene = opened.scene(scene_id)
-            done[scene_id] = pipeline.SceneSummary(
-                scene_id, "skipped", points=scene.num_points, frames_kept=scene.num_frames,
-                frames_dropped=dict(scene.attrs.get("dropped_frames") or {}))
+    for scene_id in pipeline.complete_scenes(dataset, Path(raw_dir), Path(store), listing, cfg):
+        scene = opened.scene(scene_id)
+        done[scene_id] = pipeline.SceneSummary(
+            scene_id, "skipped", points=scene.num_points, frames_kept=scene.num_frames,
+            frames_dropped=dict(scene.attrs.get("dropped_frames") or {}))
     return done
 
 
@@ -173,7 +169,7 @@ def run_scenes(dataset: str, raw_dir: str, store: str, listing: dict[str, str],
     A scene whose task fails gets a ``failed`` summary naming the error; the others carry on.
     """
     logger = get_run_logger()
-    summaries = {} if cfg.overwrite else skip_complete(store, listing)
+    summaries = {} if cfg.overwrite else skip_complete(store, listing, dataset, raw_dir, cfg)
     for scene_id in summaries:
         logger.info("skipped scene %s (complete in store)", scene_id)
     todo = [s for s in listing if s not in summaries]
@@ -267,10 +263,11 @@ def preprocess(
         download(dataset, raw, url=url, mirror=mirror, scenes=scenes)
         logger.info("raw %s files in %s", dataset, raw)
     views = str(Path(views).expanduser().resolve()) if views else None  # S3DIS: Stanford 2D-3D-S root
-    listing, cfg = prepare_store(dataset, raw, out, scenes, frame_step, captions, text_encoder, overwrite,
-                                 views, region_captions)
-    logger.info("%d %s scenes from %s into %s", len(listing), dataset, raw, out)
-    summaries = list(run_scenes(dataset, raw, out, listing, cfg, dask_address, workers).values())
+    with store_lock(out, f"preprocess {dataset} (flow)"):  # a second run fails naming this one
+        listing, cfg = prepare_store(dataset, raw, out, scenes, frame_step, captions, text_encoder, overwrite,
+                                     views, region_captions)
+        logger.info("%d %s scenes from %s into %s", len(listing), dataset, raw, out)
+        summaries = list(run_scenes(dataset, raw, out, listing, cfg, dask_address, workers).values())
     publish_report(dataset, out, summaries, time.monotonic() - start)
     logger.info("%s\n%s", out, pipeline.format_summaries(summaries))
     failed = [s for s in summaries if s.status == "failed"]

@@ -1,6 +1,6 @@
 """train/<benchmark>: one training run of XMask3D on a preprocessed store, tracked in MLflow.
 
-The task wraps ``xmask3d.train.train``: it trains, evaluates on the store's validation scenes,
+The task wraps ``xmask3d.engine.train.train``: it trains, evaluates on the store's validation scenes,
 logs everything to MLflow and registers a new model version (alias ``candidate``). The flow then
 moves the alias ``champion`` to that version if its hIoU beats the current champion's (as
 ``xmask3d train`` does), unless ``promote=False``. Results are MLflow references and metrics.
@@ -15,6 +15,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from xmask3d.engine import train as training
+from xmask3d.engine.tracking import promote_if_better
+from xmask3d.engine.train import train_preset
+
 HIOU = "fused/hiou"  # the number models are compared by
 
 
@@ -24,10 +28,9 @@ def train_model(store: str, benchmark: str, preset: str = "tiny", train_config: 
                 clip_checkpoint: str | None = None, caption_supervision: str | None = None
                 ) -> dict[str, Any]:
     """Train, evaluate and register one model; -> MLflow run id, model version and URI, metrics."""
-    from xmask3d.train import train, train_preset
 
     cfg = train_preset(preset, **(train_config or {}))
-    result = train(Path(store), benchmark, preset, cfg, tracking_uri=tracking_uri, resume=resume,
+    result = training.train(Path(store), benchmark, preset, cfg, tracking_uri=tracking_uri, resume=resume,
                    sd_dir=sd_dir, clip_checkpoint=clip_checkpoint, caption_supervision=caption_supervision)
     return {"run_id": result.run_id, "checkpoint": str(result.checkpoint_path), "model_uri": result.model_uri,
             "model_version": result.model_version, "steps": result.steps, "metrics": dict(result.metrics)}
@@ -36,7 +39,6 @@ def train_model(store: str, benchmark: str, preset: str = "tiny", train_config: 
 @task(name="promote-if-better", task_run_name="promote-{benchmark}-v{version}", cache_policy=NO_CACHE)
 def promote(tracking_uri: str | None, benchmark: str, version: str, hiou: float) -> bool:
     """Move the ``champion`` alias to ``version`` if its hIoU beats the champion's; True if moved."""
-    from xmask3d.tracking import promote_if_better
 
     return promote_if_better(tracking_uri, benchmark, version, hiou)
 

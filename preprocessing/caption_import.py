@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from preprocessing.captions import embed_captions, read_json_file
+from preprocessing.text import build_text_encoder, text_encoder_info
 from storage.errors import InputError
 from storage.regions import RegionCaptions
 from storage.store import Store, open_store
-from xmask3d.text import build_text_encoder, text_encoder_info
 
 FORMATS = ("regionplc", "pla")
 PLA_LEVELS = ("view", "entity")
@@ -56,9 +56,9 @@ _VIEW_KEY = re.compile(r"^\d+$", re.ASCII)  # PLA view key: the frame stem, e.g.
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
     try:
-        from numpy._core import multiarray, numeric
+        from numpy._core import multiarray, numeric  # numpy >= 2 layout, resolved on demand
     except ImportError:  # numpy < 2
-        from numpy.core import multiarray, numeric
+        from numpy.core import multiarray, numeric  # numpy < 2 layout
     return {
         ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
         ("numpy._core.multiarray", "scalar"): multiarray.scalar,
@@ -70,7 +70,7 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
 
 def _load_storage_from_bytes(data: bytes) -> Any:
     """Stands in for ``torch.storage._load_from_bytes``, which calls ``torch.load(weights_only=False)``."""
-    import torch
+    import torch  # heavy: only for files that hold torch tensors
 
     if not isinstance(data, bytes | bytearray):
         raise pickle.UnpicklingError("tensor storage is not bytes")
@@ -80,7 +80,7 @@ def _load_storage_from_bytes(data: bytes) -> Any:
 def _rebuild_tensor(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: bool = False,
                     backward_hooks: Any = None, metadata: Any = None) -> Any:
     """``torch._utils._rebuild_tensor_v2`` for a plain storage, without hooks or gradients."""
-    import torch
+    import torch  # heavy: only for files that hold torch tensors
 
     if not isinstance(storage, torch.TypedStorage | torch.UntypedStorage):
         raise pickle.UnpicklingError("tensor storage is not a torch storage")
@@ -96,7 +96,7 @@ def _allowed_global(module: str, name: str) -> Any | None:
     if (module, name) == ("collections", "OrderedDict"):
         return OrderedDict
     if (module, name) == ("_codecs", "encode"):  # bytes in protocol 0-2 pickles
-        import _codecs
+        import _codecs  # the pickle opcode target itself, resolved on demand
 
         return _codecs.encode
     if module.startswith("numpy"):
@@ -465,7 +465,7 @@ def write_pla_files(store_path: str | Path, out_dir: str | Path, level: str = "e
     ``level="entity"``: keys ``"entity_<k>"``. ``level="view"``: keys ``"<frame:06d>"``; every region
     must be tied to a frame, one per frame (InputError otherwise). Returns (json path, pickle path).
     """
-    import torch
+    import torch  # heavy: only for files that hold torch tensors
 
     if level not in PLA_LEVELS:
         raise InputError(f"unknown PLA caption level {level!r} (expected view or entity)")

@@ -7,13 +7,16 @@ the scene attrs (``frames_without_caption``); no caption is ever invented.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from preprocessing.text import TextEncoder
 from storage.errors import InputError
-from xmask3d.text import TextEncoder
+
+log = logging.getLogger(__name__)
 
 
 def read_json_file(path: Path, what: str, hint: str = "") -> object:
@@ -78,3 +81,33 @@ def embed_captions(texts: list[str], encoder: TextEncoder, batch_size: int = 64)
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def resolve_captions(raw_dir: Path, captions: str | Path | None) -> Path | None:
+    """``None`` -> ``raw_dir/captions.json`` if present; ``'none'`` -> no captions; else the path."""
+    if captions is None:
+        default = Path(raw_dir) / "captions.json"
+        if default.is_file():
+            return default
+        log.warning("%s: no captions.json; preprocessing without captions", raw_dir)
+        return None
+    if str(captions).lower() == "none":
+        return None
+    path = Path(captions)
+    if not path.is_file():
+        raise InputError(f"{path}: caption file not found (pass --captions none to run without)")
+    return path
+
+
+def resolve_region_captions(raw_dir: Path, region_captions: str | Path | None) -> Path | None:
+    """``None`` -> ``raw_dir/region_captions.json`` if present; ``'none'`` -> none; else the path."""
+    if region_captions is None:
+        default = Path(raw_dir) / "region_captions.json"
+        return default if default.is_file() else None
+    if str(region_captions).lower() == "none":
+        return None
+    path = Path(region_captions)
+    if not path.is_file():
+        raise InputError(f"{path}: region caption file not found "
+                         "(pass --region-captions none to run without)")
+    return path

@@ -11,6 +11,8 @@ The Prefect flows call the same per-scene functions.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
@@ -26,10 +28,14 @@ from tqdm.auto import tqdm
 from preprocessing.captions import embed_captions, load_captions, scene_captions
 from preprocessing.projection import Correspondences, prepare_points, project_points
 from preprocessing.region_captions import load_region_captions, scene_region_sets
+from preprocessing.s3dis.reader import read_s3dis_room
+from preprocessing.s3dis.views import index_views, resolve_views_dir, room_frames, store_room_views
+from preprocessing.scannet.mesh import read_scannet_scene, scene_paths
+from preprocessing.scannet.sens import SensReader
 from storage.errors import InputError
 from storage.regions import RegionCaptions
 from storage.schema import DEPTH_SCALE
-from storage.store import create_store, open_store, remove_stale_tmp
+from storage.store import OTHER_SETTINGS, create_store, open_store, recover_store, store_lock
 
 log = logging.getLogger(__name__)
 
@@ -69,36 +75,6 @@ class SceneSummary:
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
-
-
-def resolve_captions(raw_dir: Path, captions: str | Path | None) -> Path | None:
-    """``None`` -> ``raw_dir/captions.json`` if present; ``'none'`` -> no captions; else the path."""
-    if captions is None:
-        default = Path(raw_dir) / "captions.json"
-        if default.is_file():
-            return default
-        log.warning("%s: no captions.json; preprocessing without captions", raw_dir)
-        return None
-    if str(captions).lower() == "none":
-        return None
-    path = Path(captions)
-    if not path.is_file():
-        raise InputError(f"{path}: caption file not found (pass --captions none to run without)")
-    return path
-
-
-def resolve_region_captions(raw_dir: Path, region_captions: str | Path | None) -> Path | None:
-    """``None`` -> ``raw_dir/region_captions.json`` if present; ``'none'`` -> none; else the path."""
-    if region_captions is None:
-        default = Path(raw_dir) / "region_captions.json"
-        return default if default.is_file() else None
-    if str(region_captions).lower() == "none":
-        return None
-    path = Path(region_captions)
-    if not path.is_file():
-        raise InputError(f"{path}: region caption file not found "
-                         "(pass --region-captions none to run without)")
-    return path
 
 
 def list_scannet_scenes(raw_dir: Path) -> dict[str, str]:
@@ -160,7 +136,7 @@ def _s3dis_room_dir(raw_dir: Path, room_id: str) -> Path:
 @functools.cache
 def _text_encoder(spec: str):
     """One encoder per worker process (loading MiniLM takes seconds)."""
-    from xmask3d.text import build_text_encoder
+    from preprocessing.text import build_text_encoder  # heavy: torch and a text model, only with captions
 
     return build_text_encoder(spec)
 
@@ -196,24 +172,99 @@ def _load_captions_cached(path: Path, mtime_ns: int, size: int) -> dict[str, dic
 
 
 # ---------------------------------------------------------------------------------------------
+# What makes a scene: its fingerprint in the store
+
+
+def _stamp(path: Path) -> list[int] | None:
+    """[bytes, mtime_ns] of a source file; None when it is missing."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return [int(stat.st_size), int(stat.st_mtime_ns)]
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def scene_fingerprint(dataset: str, raw_dir: Path, scene_id: str, split: str, cfg: PreprocessConfig) -> dict:
+    """The settings and source files that make a scene; a stored scene with another one is rewritten.
+
+    Settings: frame step (ScanNet), image size, margin, depth tolerance, text encoder, the split,
+    a digest of the scene's captions and region captions; sources: [bytes, mtime_ns] of each raw
+    file the scene is read from (relative paths, so a copied raw tree with kept mtimes matches).
+    """
+    raw_dir = Path(raw_dir)
+    if dataset == "scannet":
+        scene_dir = raw_dir / "scans" / scene_id
+        files = {"sens": scene_dir / f"{scene_id}.sens", **scene_paths(scene_dir),
+                 "label_tsv": raw_dir / "scannetv2-labels.combined.tsv"}
+        captions = _captions(Path(cfg.captions)).get(scene_id) if cfg.captions is not None else None
+        regions = (_region_captions(Path(cfg.region_captions)).get(scene_id, {})
+                   if cfg.region_captions is not None else None)
+        text = captions is not None or regions is not None
+        settings = {"frame_step": cfg.frame_step, "image_size": list(cfg.image_size)}
+    else:
+        room_dir = _s3dis_room_dir(raw_dir, scene_id)
+        files = {str(p.relative_to(room_dir)): p for p in sorted((room_dir / "Annotations").glob("*.txt"))}
+        if cfg.views is not None:
+            for view in room_frames(cfg.views, scene_id):
+                for path in (view.rgb, view.depth, view.pose):
+                    files[os.path.relpath(path, cfg.views)] = path
+        captions = _captions(Path(cfg.captions)).get(scene_id, {}) \
+            if cfg.views is not None and cfg.captions is not None else None
+        regions = None
+        text = captions is not None
+        side = cfg.image_size[1]
+        settings = {"views": cfg.views is not None,
+                    "image_size": [side, side] if cfg.views is not None else list(cfg.image_size)}
+    return {
+        **settings, "margin": cfg.margin, "depth_tolerance": cfg.depth_tolerance, "split": split,
+        "text_encoder": cfg.text_encoder if text else None,
+        "captions": None if captions is None else _digest(captions),
+        "region_captions": None if regions is None else _digest(regions),
+        "sources": {name: _stamp(path) for name, path in files.items()},
+    }
+
+
+def complete_scenes(dataset: str, raw_dir: Path, store_path: Path, listing: dict[str, str],
+                    cfg: PreprocessConfig) -> list[str]:
+    """The scenes of ``listing`` complete in the store and made with this run's fingerprint (skip them)."""
+    store = open_store(store_path)
+    return [s for s, split in listing.items()
+            if store.scene_is_complete(s, scene_fingerprint(dataset, raw_dir, s, split, cfg))]
+
+
+def _skip_or_rewrite(store, dataset: str, raw_dir: Path, scene_id: str, split: str,
+                     cfg: PreprocessConfig) -> tuple[dict, bool]:
+    """-> (the scene's fingerprint, whether it is complete with it and is to be skipped)."""
+    fingerprint = scene_fingerprint(dataset, raw_dir, scene_id, split, cfg)
+    state = store.scene_state(scene_id, fingerprint)
+    if state == OTHER_SETTINGS and not cfg.overwrite:
+        log.warning("%s: stored scene %s was made with other settings (%s); rewriting it", store.path,
+                    scene_id, "; ".join(store.changed_settings(scene_id, fingerprint)))
+    return fingerprint, store.scene_is_complete(scene_id, fingerprint) and not cfg.overwrite
+
+
+# ---------------------------------------------------------------------------------------------
 # One scene
 
 
 def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg: PreprocessConfig,
                              split: str | None = None) -> SceneSummary:
     """Decode, project, caption-embed and store one ScanNet scene (skips a complete one)."""
-    from preprocessing.scannet.mesh import read_scannet_scene
-    from preprocessing.scannet.sens import SensReader
 
     start = time.perf_counter()
     raw_dir = Path(raw_dir)
     store = open_store(store_path, mode="r+")
-    if store.is_complete(scene_id) and not cfg.overwrite:
-        return SceneSummary(scene_id, "skipped")
     if split is None:
         split = list_scannet_scenes(raw_dir).get(scene_id)
         if split is None:
             raise InputError(f"{raw_dir}: scene {scene_id} is in no split list")
+    fingerprint, skip = _skip_or_rewrite(store, "scannet", raw_dir, scene_id, split, cfg)
+    if skip:
+        return SceneSummary(scene_id, "skipped")
     scene_dir = raw_dir / "scans" / scene_id
     captions = None
     if cfg.captions is not None:
@@ -254,7 +305,7 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
             batch_pose.clear()
             batch_depth.clear()
 
-    with store.writer(scene_id) as writer:
+    with store.writer(scene_id, fingerprint) as writer:
         writer.write("points/xyz", mesh.xyz.astype(np.float32))
         writer.write("points/rgb", mesh.rgb.astype(np.uint8))
         writer.write("points/nyu40", mesh.nyu40.astype(np.uint8))
@@ -330,17 +381,16 @@ def preprocess_s3dis_room(raw_dir: Path, room_id: str, store_path: Path, cfg: Pr
     Views are stored square (side = the configured image height), projected and caption-embedded
     by ``preprocessing.s3dis.views.store_room_views``; without ``cfg.views`` the room has 0 frames.
     """
-    from preprocessing.s3dis.reader import read_s3dis_room
-    from preprocessing.s3dis.views import room_frames, store_room_views
 
     start = time.perf_counter()
     store = open_store(store_path, mode="r+")
-    if store.is_complete(room_id) and not cfg.overwrite:
-        return SceneSummary(room_id, "skipped")
     room_dir = _s3dis_room_dir(raw_dir, room_id)
     if not room_dir.is_dir():
         raise InputError(f"{room_dir}: room not found")
     split = split or ("val" if room_id.startswith(S3DIS_VAL_AREA + "_") else "train")
+    fingerprint, skip = _skip_or_rewrite(store, "s3dis", raw_dir, room_id, split, cfg)
+    if skip:
+        return SceneSummary(room_id, "skipped")
     frames = room_frames(cfg.views, room_id) if cfg.views is not None else []
     encoder = captions = None
     if cfg.views is not None:
@@ -353,7 +403,7 @@ def preprocess_s3dis_room(raw_dir: Path, room_id: str, store_path: Path, cfg: Pr
     room = read_s3dis_room(room_dir)
     W, H = (cfg.image_size[1], cfg.image_size[1]) if cfg.views is not None else cfg.image_size
     views = None
-    with store.writer(room_id) as writer:
+    with store.writer(room_id, fingerprint) as writer:
         writer.write("points/xyz", room.xyz.astype(np.float32))
         writer.write("points/rgb", room.rgb.astype(np.uint8))
         writer.write("points/label", room.label.astype(np.uint8))
@@ -442,7 +492,6 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
     if dataset == "s3dis" and cfg.views is None:
         cfg = PreprocessConfig(**{**cfg.__dict__, "captions": None})
     if dataset == "s3dis" and cfg.views is not None:
-        from preprocessing.s3dis.views import index_views, resolve_views_dir
 
         views = resolve_views_dir(Path(cfg.views)).resolve()
         index_views(views, rooms=list_s3dis_rooms(raw_dir))  # checks the layout; logs counted skips
@@ -456,7 +505,8 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
         missing = [s for s in listing if s not in regions]
         if missing:
             log.warning("%s: no region captions for scene(s) %s", cfg.region_captions, ", ".join(missing))
-        from xmask3d.text import text_encoder_info
+
+        from preprocessing.text import text_encoder_info  # heavy: torch, only with captions
 
         encoder_name, text_dim = text_encoder_info(cfg.text_encoder)
     if cfg.captions is not None:
@@ -468,25 +518,33 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
         elif missing:
             raise InputError(f"{cfg.captions}: no captions for scene(s) {', '.join(missing)} "
                              "(use --captions none to run without)")
-        from xmask3d.text import text_encoder_info
+
+        from preprocessing.text import text_encoder_info  # heavy: torch, only with captions
 
         encoder_name, text_dim = text_encoder_info(cfg.text_encoder)
     store = create_store(store_path, dataset, encoder_name, text_dim)
-    removed = remove_stale_tmp(store)
-    if removed:
-        log.warning("%s: removed unfinished scenes from an earlier run: %s", store_path, ", ".join(removed))
+    for action in recover_store(store):  # only what writers that are gone left behind
+        log.warning("%s: %s", store_path, action)
     return listing, cfg
 
 
 def run_preprocess(dataset: str, raw_dir: Path, store_path: Path, cfg: PreprocessConfig,
                    scenes: Iterable[str] | None = None, dask_address: str | None = None,
-                   workers: int | None = None) -> list[SceneSummary]:
+                   workers: int | None = None, lock_wait_s: float = 0.0) -> list[SceneSummary]:
     """Preprocess scenes with Dask, one task per scene; returns one summary per scene (in order).
 
     ``dask_address``: an existing scheduler; otherwise a ``LocalCluster`` of ``workers`` single-
-    threaded processes (default: min(CPU count, scenes)).
+    threaded processes (default: min(CPU count, scenes)). The run holds the store's writer lock;
+    another run's lock is waited for up to ``lock_wait_s`` seconds, then an InputError names it.
     """
-    from dask.distributed import Client, LocalCluster, as_completed
+    with store_lock(store_path, f"preprocess {dataset}", wait_s=lock_wait_s):
+        return _run_preprocess(dataset, raw_dir, store_path, cfg, scenes, dask_address, workers)
+
+
+def _run_preprocess(dataset: str, raw_dir: Path, store_path: Path, cfg: PreprocessConfig,
+                    scenes: Iterable[str] | None, dask_address: str | None,
+                    workers: int | None) -> list[SceneSummary]:
+    from dask.distributed import Client, LocalCluster, as_completed  # heavy: only the driver needs it
 
     raw_dir, store_path = Path(raw_dir), Path(store_path)
     listing, cfg = prepare_store(dataset, raw_dir, store_path, cfg, scenes)

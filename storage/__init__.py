@@ -10,8 +10,10 @@ from storage.store import (
            StoreWriteError,
            create_store,
            open_store,
-           remove_stale_tmp,
+           recover_store,
+           store_lock,
 )
 
 __all__ = ["ARRAYS", "SCHEMA_VERSION", "InputError", "Scene", "SceneWriter", "Store", "StoreWriteError",
-           "create_store", "open_store", "remove_stale_tmp"]
+           "create_store", "open_store", "recover_store",
+           "store_lock"]

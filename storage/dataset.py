@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from preprocessing.benchmarks import Benchmark, get_benchmark
+from storage.benchmarks import Benchmark, get_benchmark
 from storage.errors import InputError
 from storage.store import Scene, Store, open_store
 
@@ -185,7 +186,6 @@ class SceneViewDataset(Dataset):
         uv = uv.astype(np.int64)
         H, W = image.shape[:2]
         if (W, H) != self.image_size:
-            from PIL import Image
 
             image = np.asarray(Image.fromarray(image).resize(self.image_size, Image.BILINEAR))
             sx, sy = self.image_size[0] / W, self.image_size[1] / H

@@ -33,7 +33,7 @@ PROJ_CHUNK = 1 << 20  # rows per chunk of proj/point and proj/uv
 ROOT_ATTRS = ("schema_version", "dataset", "created_by", "text_encoder", "text_dim")
 SCENE_ATTRS = ("split", "source_files", "frame_step", "dropped_frames", "axis_alignment",
                "intrinsics_source", "frames_without_caption", "image_size", "num_points",
-               "num_frames", "depth_scale", "complete", "region_captions")
+               "num_frames", "depth_scale", "fingerprint", "write_token", "complete", "region_captions")
 
 
 def blosc() -> BloscCodec:

@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from storage.errors import InputError
-from xmask3d.ablate import (
+from xmask3d.cli import app
+from xmask3d.engine.ablate import (
     DEFAULT_VARIANTS,
     VariantResult,
     resolve_variants,
@@ -19,7 +20,6 @@ from xmask3d.ablate import (
     table_markdown,
     table_rows,
 )
-from xmask3d.cli import app
 
 BENCH = "scannet20-b15n4"
 
@@ -62,9 +62,9 @@ def _no_fit(*args, **kwargs):
 def test_resume_with_other_switches_fails_before_training(synthetic_store, tmp_path, monkeypatch):
     from dataclasses import asdict
 
-    from xmask3d import train as train_mod
-    from xmask3d.checkpoint import save_checkpoint
-    from xmask3d.config import preset
+    from xmask3d.engine import train as train_mod
+    from xmask3d.engine.checkpoint import save_checkpoint
+    from xmask3d.network.config import preset
 
     monkeypatch.setattr(train_mod, "fit", _no_fit)
     ckpt = save_checkpoint(tmp_path / "full" / "last.pt", {
@@ -98,7 +98,7 @@ def test_ablate_flow_two_variants_nested_runs_table_and_parameter_counts(synthet
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.ablate import ablate
-    from xmask3d.checkpoint import load_checkpoint
+    from xmask3d.engine.checkpoint import load_checkpoint
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     train_config = {"max_steps": 2, "loop": 2, "batch_size": 2, "checkpoint_every": 0,

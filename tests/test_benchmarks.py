@@ -1,4 +1,4 @@
-"""Benchmark definitions and label maps (preprocessing/benchmarks.py)."""
+"""Benchmark definitions and label maps (storage/benchmarks.py)."""
 
 import json
 from pathlib import Path
@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preprocessing.benchmarks import BENCHMARK_NAMES, IGNORE, get_benchmark
+from storage.benchmarks import BENCHMARK_NAMES, IGNORE, get_benchmark
 from storage.errors import InputError
 
 SHARED_JSON = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "benchmarks.json"
 
 
 def test_packaged_json_matches_the_shared_definitions():
-    packaged = Path(__file__).resolve().parents[1] / "preprocessing" / "data" / "benchmarks.json"
+    packaged = Path(__file__).resolve().parents[1] / "storage" / "data" / "benchmarks.json"
     if not SHARED_JSON.exists():
         pytest.skip("shared benchmark definitions not present on this machine")
     assert json.loads(packaged.read_text()) == json.loads(SHARED_JSON.read_text())

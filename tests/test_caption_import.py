@@ -53,7 +53,7 @@ def make_store(path, scenes=("scene0000_00", "scene0001_00")):
 
 @pytest.fixture(scope="module")
 def encoder():
-    from xmask3d.text import build_text_encoder
+    from preprocessing.text import build_text_encoder
 
     return build_text_encoder("minilm")
 

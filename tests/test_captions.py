@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from preprocessing.captions import embed_captions, load_captions, scene_captions
+from preprocessing.text import build_text_encoder
 from storage.errors import InputError
-from xmask3d.text import build_text_encoder
 
 
 def test_load_and_select_scene_captions(tmp_path):

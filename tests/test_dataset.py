@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from preprocessing.benchmarks import get_benchmark
+from storage.benchmarks import get_benchmark
 from storage.dataset import SceneViewDataset, collate_scenes, voxelize
 from storage.errors import InputError
 from storage.store import open_store

@@ -11,19 +11,18 @@ import torch
 
 from storage.dataset import scene_labels
 from storage.store import open_store
-from xmask3d import evaluate as evaluate_mod
-from xmask3d.evaluate import (
+from xmask3d.engine import evaluate as evaluate_mod
+from xmask3d.engine.evaluate import evaluate_loaded, log_evaluation
+from xmask3d.engine.metrics import IGNORE_INDEX, boundary_mask
+from xmask3d.engine.predict import (
     HEADS,
     NEG,
     ScenePrediction,
     VoteAccumulator,
-    evaluate_loaded,
     fill_from_nearest,
     gate,
     geometric_ensemble,
-    log_evaluation,
 )
-from xmask3d.metrics import IGNORE_INDEX, boundary_mask
 
 BASE = torch.tensor([0, 1])
 NOVEL = torch.tensor([2])
@@ -72,7 +71,7 @@ def test_votes_and_unseen_points():
 def test_evaluation_artifacts(tmp_path):
     from plyfile import PlyData
 
-    from xmask3d.evaluate import Evaluation, write_evaluation_artifacts
+    from xmask3d.engine.evaluate import Evaluation, write_evaluation_artifacts
 
     names = ("wall", "floor", "chair")
     ious = {"3d": np.array([0.5, 0.25, np.nan]), "2d": np.array([0.1, 0.2, 0.0]),

@@ -67,7 +67,7 @@ def test_preprocess_scene_task_writes_a_scene_then_skips_it(synthetic_scannet, t
     assert open_store(store).scene_ids() == [first]
     again = pf.preprocess_scene.fn("scannet", str(synthetic_scannet), first, store, cfg, listing[first])
     assert again.status == "skipped"
-    skipped = pf.skip_complete(store, listing)[first]
+    skipped = pf.skip_complete(store, listing, "scannet", str(synthetic_scannet), cfg)[first]
     assert (skipped.points, skipped.frames_kept) == (summary.points, summary.frames_kept)
 
 

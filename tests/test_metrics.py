@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from xmask3d.metrics import (
+from xmask3d.engine.metrics import (
     ConfusionAccumulator,
     boundary_mask,
     harmonic_iou,

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from preprocessing.benchmarks import BENCHMARK_NAMES, SYNTHETIC_BENCHMARK_NAMES, get_benchmark
+from storage.benchmarks import BENCHMARK_NAMES, SYNTHETIC_BENCHMARK_NAMES, get_benchmark
 from storage.errors import InputError
 
 NAME = "synthetic-b15n4"
@@ -35,7 +35,7 @@ def test_novel_classes_occur_in_training_and_held_out_scenes_of_the_default_set(
     """The runner's default: 8 scenes, the last 2 held out; every novel class in both parts."""
     from preprocessing.synthetic import scannet_scene
     from preprocessing.synthetic.categories import CATEGORIES
-    from xmask3d.openvocab import OpenVocabConfig
+    from xmask3d.engine.openvocab import OpenVocabConfig
 
     cfg = OpenVocabConfig()
     bench = get_benchmark(cfg.benchmark)
@@ -76,8 +76,8 @@ def test_novel_points_carry_no_training_label_but_captions_name_them(synthetic_s
 
 
 def test_caption_name_baseline_scores_the_held_out_scenes(synthetic_store):
-    from xmask3d.openvocab import caption_name_baseline
-    from xmask3d.text import build_text_encoder
+    from preprocessing.text import build_text_encoder
+    from xmask3d.engine.openvocab import caption_name_baseline
 
     encoder = build_text_encoder("minilm")
     scores = caption_name_baseline(synthetic_store, NAME, encoder)
@@ -87,7 +87,7 @@ def test_caption_name_baseline_scores_the_held_out_scenes(synthetic_store):
 
 
 def test_config_rejects_bad_conditions_and_seeds():
-    from xmask3d.openvocab import OpenVocabConfig
+    from xmask3d.engine.openvocab import OpenVocabConfig
 
     with pytest.raises(InputError, match="conditions"):
         OpenVocabConfig(conditions=("captions", "labels"))
@@ -104,7 +104,7 @@ def test_runner_trains_every_condition_logs_and_summarises(synthetic_scannet, tm
     from mlflow import MlflowClient
 
     from storage.store import open_store
-    from xmask3d.openvocab import OpenVocabConfig, report, run_openvocab
+    from xmask3d.engine.openvocab import OpenVocabConfig, report, run_openvocab
 
     out = tmp_path / "ov"
     shutil.copytree(synthetic_scannet, out / "raw")  # 3 small scenes, seed 0: reused, not rewritten

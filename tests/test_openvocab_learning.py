@@ -19,7 +19,7 @@ BASELINE_MARGIN = 0.03
 
 @pytest.mark.slow
 def test_region_captions_beat_no_captions_on_novel_classes(tmp_path):
-    from xmask3d.openvocab import OpenVocabConfig, run_openvocab
+    from xmask3d.engine.openvocab import OpenVocabConfig, run_openvocab
 
     cfg = OpenVocabConfig(scenes=16, seeds=(0,), conditions=("no-captions", "region"), epochs=8, loop=4)
     result = run_openvocab(tmp_path / "ov", cfg, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",

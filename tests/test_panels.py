@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xmask3d import panels
-from xmask3d.plots import class_palette
+from xmask3d.engine import panels
+from xmask3d.engine.plots import class_palette
 
 NAMES = ("wall", "floor", "chair", "sofa", "table")
 NOVEL = (3,)
@@ -83,7 +83,7 @@ def test_topdown_panel_png():
 
 
 def test_scene_panels_of_a_stored_scene(synthetic_store):
-    from preprocessing.benchmarks import get_benchmark
+    from storage.benchmarks import get_benchmark
     from storage.dataset import scene_labels
     from storage.store import open_store
 
@@ -128,10 +128,10 @@ def test_render_command_writes_the_panels_of_a_checkpoint(synthetic_store, tmp_p
     import torch
     from typer.testing import CliRunner
 
-    from xmask3d.checkpoint import save_checkpoint
     from xmask3d.cli import app
-    from xmask3d.config import preset
-    from xmask3d.model import build_model
+    from xmask3d.engine.checkpoint import save_checkpoint
+    from xmask3d.network.config import preset
+    from xmask3d.network.model import build_model
 
     torch.manual_seed(0)
     cfg = preset("tiny")

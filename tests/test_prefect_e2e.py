@@ -120,7 +120,7 @@ def test_deploy_all_registers_every_deployment(prefect_stack):
     deployments = response.json()
     flows = {f["id"]: f["name"] for f in prefect_stack.http.post("/flows/filter", json={}).json()}
     names = {f"{flows[d['flow_id']]}/{d['name']}" for d in deployments}
-    from preprocessing.benchmarks import BENCHMARK_NAMES
+    from storage.benchmarks import BENCHMARK_NAMES
 
     expected = {"preprocess/scannet", "preprocess/s3dis", "retrain/scannet20-b15n4"}
     expected |= {f"{kind}/{b}" for kind in ("train", "evaluate") for b in BENCHMARK_NAMES}

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from preprocessing.benchmarks import get_benchmark
 from preprocessing.region_captions import (
     REGION_FORMAT,
     box_point_sets,
@@ -13,6 +12,7 @@ from preprocessing.region_captions import (
     scene_region_sets,
 )
 from preprocessing.synthetic.captions import region_captions
+from storage.benchmarks import get_benchmark
 from storage.dataset import SceneViewDataset, collate_scenes
 from storage.errors import InputError
 from storage.store import open_store

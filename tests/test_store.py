@@ -9,7 +9,7 @@ import zarr
 
 from storage.errors import InputError
 from storage.schema import ARRAYS, SCHEMA_VERSION
-from storage.store import StoreWriteError, create_store, open_store, remove_stale_tmp
+from storage.store import StoreWriteError, create_store, open_store, recover_store
 
 
 def entries(store):
@@ -144,10 +144,14 @@ def test_overwrite_replaces_atomically_and_stale_tmp_is_removed(tmp_path):
     write_scene(store, "scene0000_00", frames=2)
     assert store.scene("scene0000_00").num_frames == 2
     assert entries(store) == ["scene0000_00"]
-    # a crashed writer leaves a temporary group: it is not a scene, and cleanup removes it
-    (store.scenes_dir / ".tmp-scene0001_00" / "points").mkdir(parents=True)
+    # a crashed writer leaves a group without its marker (and a legacy .tmp- group): neither is a
+    # scene, and with no live owner cleanup removes both
+    (store.scenes_dir / "scene0001_00" / "points").mkdir(parents=True)
+    zarr.open_group(str(store.scenes_dir / "scene0001_00"), mode="a").attrs["split"] = "train"
+    (store.scenes_dir / ".tmp-scene0002_00" / "points").mkdir(parents=True)
     assert store.scene_ids() == ["scene0000_00"]
-    assert remove_stale_tmp(store) == [".tmp-scene0001_00"]
+    assert sorted(recover_store(store)) == ["removed .tmp-scene0002_00",
+                                            "removed unfinished scene scene0001_00"]
     assert entries(store) == ["scene0000_00"]
 
 
@@ -159,3 +163,37 @@ def test_rejects_bad_scene_ids_and_dtypes(tmp_path):
         with store.writer("scene0000_00") as w:
             w.write("points/xyz", np.zeros((3, 3)))
     assert store.scene_ids() == []
+
+
+def test_a_scene_without_its_completion_marker_is_not_a_scene(tmp_path):
+    """Every array written but not the marker (a writer killed before its last write): the scene is
+    not listed, not readable and removed by recovery; a reader that skips the check fails here."""
+    store = create_store(tmp_path / "s.zarr", "scannet", None, 0)
+    write_scene(store, "scene0000_00")
+    write_scene(store, "scene0001_00")
+    meta = store.scenes_dir / "scene0001_00" / "zarr.json"
+    data = json.loads(meta.read_text())
+    del data["attributes"]["complete"]
+    meta.write_text(json.dumps(data))
+    assert store.scene_ids() == ["scene0000_00"] and store.scene_ids("train") == ["scene0000_00"]
+    assert not store.is_complete("scene0001_00") and store.is_complete("scene0000_00")
+    assert store.scene_state("scene0001_00", {}) == "incomplete"
+    with pytest.raises(InputError, match="no complete scene 'scene0001_00'"):
+        store.scene("scene0001_00")
+    assert recover_store(store) == ["removed unfinished scene scene0001_00"]
+    assert entries(store) == ["scene0000_00"]
+
+
+def test_scene_state_compares_the_fingerprint(tmp_path):
+    store = create_store(tmp_path / "s.zarr", "scannet", None, 0)
+    with store.writer("scene0000_00", {"frame_step": 20, "image_size": (320, 240)}) as w:
+        w.write("points/xyz", np.zeros((2, 3), np.float32))
+        w.commit({"split": "train"})
+    write_scene(store, "scene0001_00")  # no fingerprint: made by unknown settings
+    assert store.scene_state("scene0000_00", {"frame_step": 20, "image_size": [320, 240]}) == "complete"
+    assert store.scene_is_complete("scene0000_00", {"frame_step": 20, "image_size": (320, 240)})
+    assert store.scene_state("scene0000_00", {"frame_step": 10, "image_size": [320, 240]}) == "other-settings"
+    assert store.changed_settings("scene0000_00", {"frame_step": 10, "image_size": [320, 240]}) == \
+        ["frame_step: 20 -> 10"]
+    assert store.scene_state("scene0001_00", {"frame_step": 20}) == "other-settings"
+    assert store.scene_state("scene0009_00", {"frame_step": 20}) == "missing"

@@ -209,7 +209,7 @@ def test_mesh_plys(mesh0, synthetic_scannet: Path):
 
 
 def test_label_tsv(synthetic_scannet: Path):
-    from preprocessing.benchmarks import get_benchmark
+    from storage.benchmarks import get_benchmark
 
     header, rows = read_tsv(synthetic_scannet)
     assert header == TSV_HEADER
@@ -229,7 +229,7 @@ def test_label_tsv(synthetic_scannet: Path):
 
 
 def test_classes_cover_scannet20_and_some_scannet200(synthetic_scannet: Path):
-    from preprocessing.benchmarks import get_benchmark
+    from storage.benchmarks import get_benchmark
 
     labels, categories = set(), set()
     for sid in SCENES:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from preprocessing.text import build_text_encoder
 from storage.errors import InputError
-from xmask3d.text import build_text_encoder
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from mlflow import MlflowClient
 
 from storage.errors import InputError
 from tests.servers import free_port, stop, wait_healthy
-from xmask3d import plots, tracking
-from xmask3d.checkpoint import save_checkpoint
+from xmask3d.engine import plots, tracking
+from xmask3d.engine.checkpoint import save_checkpoint
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 

@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 
 from storage.errors import InputError
 from tests.servers import free_port
-from xmask3d.checkpoint import load_checkpoint
-from xmask3d.train import (
+from xmask3d.engine.checkpoint import load_checkpoint
+from xmask3d.engine.train import (
     DistInfo,
     TrainConfig,
     WarmupCosine,
@@ -232,8 +232,8 @@ def _no_fit(*args, **kwargs):
 def test_bad_inputs_fail_before_training(synthetic_store, tmp_path, monkeypatch):
     import zarr
 
-    from xmask3d import train as train_mod
-    from xmask3d.checkpoint import save_checkpoint
+    from xmask3d.engine import train as train_mod
+    from xmask3d.engine.checkpoint import save_checkpoint
 
     monkeypatch.setattr(train_mod, "fit", _no_fit)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -274,7 +274,7 @@ def test_train_tiny_logs_registers_and_resumes(synthetic_store, tmp_path):
     from mlflow import MlflowClient
 
     from storage.store import open_store
-    from xmask3d.train import train
+    from xmask3d.engine.train import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = train_preset("tiny", max_steps=2, checkpoint_every=1, eval_max_views=1, ply_scenes=1,
@@ -323,7 +323,7 @@ def test_train_tiny_logs_registers_and_resumes(synthetic_store, tmp_path):
     assert run.data.params["train.max_steps"] == "2" and run.data.tags["changed.train.max_steps"] == "3"
 
     # standalone evaluation of the registered model: a nested run with the same numbers
-    from xmask3d.evaluate import evaluate
+    from xmask3d.engine.evaluate import evaluate
 
     evaluation = evaluate(synthetic_store, BENCH, "models:/xmask3d-scannet20-b15n4@candidate",
                           tracking_uri=uri, max_views=1, ply_scenes=0)

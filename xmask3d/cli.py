@@ -7,6 +7,8 @@ Bad input raises ``storage.errors.InputError`` and exits with code 2 and a one-l
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -58,7 +60,7 @@ def synth_scannet(
     seed: int = 0,
 ) -> None:
     """Write synthetic scenes in the raw ScanNet v2 layout."""
-    from preprocessing.synthetic import write_scannet
+    from preprocessing.synthetic import write_scannet  # heavy: loaded per command
 
     ids = write_scannet(out_dir, scenes=scenes, small=small, seed=seed)
     typer.echo(f"wrote {len(ids)} ScanNet scenes to {out_dir}: {', '.join(ids)}")
@@ -75,7 +77,7 @@ def synth_s3dis(
     view_size: Annotated[int, typer.Option(help="side of the square views (real: 1080)")] = 1080,
 ) -> None:
     """Write synthetic rooms in the raw Stanford3dDataset_v1.2 layout (and 2D-3D-S views)."""
-    from preprocessing.synthetic import write_s3dis
+    from preprocessing.synthetic import write_s3dis  # heavy: loaded per command
 
     ids = write_s3dis(out_dir, rooms=rooms, seed=seed, views=views, view_size=view_size)
     typer.echo(f"wrote {len(ids)} S3DIS rooms to {out_dir / 'Stanford3dDataset_v1.2'}: {', '.join(ids)}")
@@ -95,7 +97,7 @@ def download_scannet(
     workers: Annotated[int, typer.Option(help="parallel downloads")] = 4,
 ) -> None:
     """Download the official ScanNet v2 per-scene files."""
-    from preprocessing.scannet.download import download_scannet as download
+    from preprocessing.scannet.download import download_scannet as download  # heavy: loaded per command
 
     ids = [s.strip() for s in scenes.split(",") if s.strip()] if scenes else None
     paths = download(out, url=url, mirror=mirror, scenes=ids, split=split, workers=workers)
@@ -116,7 +118,7 @@ def download_s3dis(
     keep_archives: Annotated[bool, typer.Option(help="keep the archives after unpacking")] = True,
 ) -> None:
     """Download and unpack S3DIS (Stanford3dDataset_v1.2) and its 2D-3D-S views (resumable)."""
-    from preprocessing.s3dis.download import download_s3dis as download
+    from preprocessing.s3dis.download import download_s3dis as download  # heavy: loaded per command
 
     names = [a for a in areas.split(",") if a.strip()] if areas else None
     dirs = download(out, url=url, mirror=mirror, release=release, views=views, areas=names, workers=workers,
@@ -145,8 +147,8 @@ def preprocess_scannet(
              "or 'none'")] = None,
 ) -> None:
     """Decode, project, caption-embed and store ScanNet scenes."""
-    from flows.preprocess import run_locally
-    from preprocessing.pipeline import format_summaries
+    from flows.preprocess import run_locally  # heavy: loaded per command
+    from preprocessing.pipeline import format_summaries  # heavy: loaded per command
 
     if clip_model or clip_checkpoint:
         if not (clip_model and clip_checkpoint):
@@ -179,12 +181,12 @@ def preprocess_s3dis(
         help="minilm | openclip-tiny | openclip:MODEL:CHECKPOINT")] = "minilm",
 ) -> None:
     """Store S3DIS rooms: points and labels, and with --views their 2D-3D-S views and captions."""
-    from flows.preprocess import run_locally
-    from preprocessing.pipeline import format_summaries
+    from flows.preprocess import run_locally  # heavy: loaded per command
+    from preprocessing.pipeline import format_summaries  # heavy: loaded per command
 
     if views is not None:  # report the counted skips (unknown areas, rooms without points) up front
-        from preprocessing.pipeline import list_s3dis_rooms
-        from preprocessing.s3dis.views import index_views
+        from preprocessing.pipeline import list_s3dis_rooms  # heavy: loaded per command
+        from preprocessing.s3dis.views import index_views  # heavy: loaded per command
 
         skipped = index_views(views, rooms=list_s3dis_rooms(raw)).skipped
         if skipped:
@@ -210,7 +212,7 @@ def import_captions(
              "for a CLIP store)")] = None,
 ) -> None:
     """Import released PLA / RegionPLC caption files (JSON + index pickle) as region captions."""
-    from preprocessing.caption_import import import_captions as run_import
+    from preprocessing.caption_import import import_captions as run_import  # heavy: loaded per command
 
     summary = run_import(store, fmt, captions, index, text_encoder=text_encoder)
     typer.echo(summary.table())
@@ -240,12 +242,9 @@ def train(
              "official+region; default: the preset's (official)")] = None,
 ) -> None:
     """Train XMask3D on one benchmark, tracked in MLflow."""
-    import logging
-    import os
-
-    from xmask3d.tracking import promote_if_better
-    from xmask3d.train import train as run_training
-    from xmask3d.train import train_preset
+    from xmask3d.engine.tracking import promote_if_better  # heavy: loaded per command
+    from xmask3d.engine.train import train as run_training  # heavy: loaded per command
+    from xmask3d.engine.train import train_preset  # heavy: loaded per command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     given = {"epochs": epochs, "max_steps": max_steps, "checkpoint_every": checkpoint_every,
@@ -278,7 +277,7 @@ def evaluate(
                             ] = None,
 ) -> None:
     """Evaluate a model: mIoU base / novel / hIoU for the 3D, 2D and fused heads."""
-    from xmask3d.evaluate import evaluate as run_evaluation
+    from xmask3d.engine.evaluate import evaluate as run_evaluation  # heavy: loaded per command
 
     result = run_evaluation(store, benchmark, model, tracking_uri=tracking_uri, max_views=max_views)
     typer.echo(result.table())
@@ -302,10 +301,8 @@ def ablate(
                                                           "else sqlite:///mlruns.db)")] = None,
 ) -> None:
     """Ablation study: train + evaluate model variants as nested MLflow runs, print the comparison table."""
-    import logging
-
-    from xmask3d.ablate import resolve_variants
-    from xmask3d.train import check_store, train_preset
+    from xmask3d.engine.ablate import resolve_variants  # heavy: loaded per command
+    from xmask3d.engine.train import check_store, train_preset  # heavy: loaded per command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("mlflow", "sentence_transformers", "httpx"):
@@ -313,14 +310,14 @@ def ablate(
     names = resolve_variants(variants)  # bad names fail here, before Prefect starts
     overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
     train_preset(preset, **overrides)
-    from preprocessing.benchmarks import get_benchmark
+    from storage.benchmarks import get_benchmark  # heavy: loaded per command
 
     check_store(store, get_benchmark(benchmark), need_val=True)
-    from flows.ablate import ablate as ablate_flow
+    from flows.ablate import ablate as ablate_flow  # heavy: loaded per command
 
     result = ablate_flow(store=str(store), benchmark=benchmark, preset=preset, variants=names,
                          train_config=overrides or None, tracking_uri=tracking_uri, max_views=max_views)
-    from xmask3d.ablate import table_markdown
+    from xmask3d.engine.ablate import table_markdown  # heavy: loaded per command
 
     typer.echo(table_markdown(result["rows"], benchmark, preset))
     typer.echo(f"MLflow parent run {result['parent_run_id']}")
@@ -338,7 +335,7 @@ def render(
                             ] = None,
 ) -> None:
     """Qualitative panels of one scene: views with GT and the 3D / 2D / fused predictions, top-down."""
-    from xmask3d.panels import render_run
+    from xmask3d.engine.panels import render_run  # heavy: loaded per command
 
     for path in render_run(run, scene, out, store=store, tracking_uri=tracking_uri, views=views):
         typer.echo(str(path))
@@ -348,7 +345,7 @@ def render(
 @user_errors
 def model_summary(preset: Annotated[str, typer.Option(help="tiny|small|paper")] = "tiny") -> None:
     """Print parameter counts per component of a preset."""
-    from xmask3d.model import summary
+    from xmask3d.network.model import summary  # heavy: loaded per command
 
     typer.echo(summary(preset))
 
@@ -357,10 +354,7 @@ def model_summary(preset: Annotated[str, typer.Option(help="tiny|small|paper")] 
 @user_errors
 def demo(out: Annotated[Path, typer.Option(help="demo output directory")] = Path("demo_output")) -> None:
     """Synthetic data -> preprocess -> train (tiny) -> evaluate, on CPU."""
-    import logging
-    import os
-
-    from flows.demo import report, run_demo
+    from flows.demo import report, run_demo  # heavy: loaded per command
 
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # also for the worker processes
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

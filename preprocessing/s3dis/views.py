@@ -38,9 +38,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
+from preprocessing.captions import embed_captions, resolve_captions
+from preprocessing.projection import Correspondences, prepare_points, project_points
 from preprocessing.scannet.sens import rescale_intrinsic
 from storage.errors import InputError
+from storage.schema import DEPTH_SCALE
 
 log = logging.getLogger(__name__)
 
@@ -446,11 +450,7 @@ def store_room_views(writer, room_id: str, room_dir: Path, xyz: np.ndarray, fram
     space (``free_space``, see ``view_coverage``) at most ``max_free_space``; otherwise the poses
     are most likely in another frame than the points (wrong release or area).
     """
-    from tqdm.auto import tqdm
 
-    from preprocessing.captions import embed_captions
-    from preprocessing.projection import Correspondences, prepare_points, project_points
-    from storage.schema import DEPTH_SCALE
 
     release = s3dis_release(room_dir)
     angle = room_alignment_angle(room_dir) if release == "aligned" else None
@@ -541,6 +541,5 @@ def store_room_views(writer, room_id: str, room_dir: Path, xyz: np.ndarray, fram
 def view_captions(views_dir: Path, captions: str | Path | None) -> Path | None:
     """Caption JSON for the views: None -> ``captions.json`` in the views root if present;
     ``'none'`` -> no captions; else that file (InputError if missing)."""
-    from preprocessing.pipeline import resolve_captions
 
     return resolve_captions(resolve_views_dir(views_dir), captions)

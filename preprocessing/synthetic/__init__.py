@@ -5,7 +5,8 @@ third-party tool would read the same way. See docs/synthetic.md.
 """
 
 from preprocessing.synthetic.geometry import RayHits, Render, SceneGeometry, SceneObject, Surface
-from preprocessing.synthetic.s3dis import S3DISRoomSpec, s3dis_room, write_s3dis
+from preprocessing.synthetic.s3dis import write_s3dis
+from preprocessing.synthetic.s3dis_rooms import S3DISRoomSpec, s3dis_room
 from preprocessing.synthetic.scannet import ScanNetScene, scannet_scene, write_scannet
 from preprocessing.synthetic.sens import SensFrameBytes, SensHeader, encode_color, encode_depth, write_sens
 

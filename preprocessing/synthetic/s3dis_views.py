@@ -41,7 +41,7 @@ from preprocessing.s3dis.views import (
 from preprocessing.synthetic.captions import make_caption, visible_objects
 from preprocessing.synthetic.categories import CATEGORIES
 from preprocessing.synthetic.files import write_text_atomic
-from preprocessing.synthetic.s3dis import S3DISRoomSpec, _format_points, s3dis_room
+from preprocessing.synthetic.s3dis_rooms import S3DISRoomSpec, format_points, s3dis_room
 
 VIEWS_DIR = "Stanford2d3dDataset_noXYZ"
 CAMERAS_PER_ROOM = 2
@@ -206,7 +206,7 @@ def write_aligned_release(raw_root: Path, out_dir: Path) -> Path:
             chunks = []
             for f, values in zip(files, parts, strict=True):
                 xyz = values[:, :3] @ T[:3, :3].T + T[:3, 3]
-                text = _format_points(xyz, values[:, 3:6])
+                text = format_points(xyz, values[:, 3:6])
                 (dest / area.name / room.name / "Annotations" / f.name).write_text(text)
                 chunks.append(text)
             (dest / area.name / room.name / f"{room.name}.txt").write_text("".join(chunks))

@@ -5,8 +5,8 @@ import spconv.pytorch as spconv
 import torch
 import torch.nn.functional as F
 
-from xmask3d.backbone3d import Backbone3D, BinaryHead, SparseUNet, conv_algo, sparse_input
-from xmask3d.config import preset
+from xmask3d.network.backbone3d import Backbone3D, BinaryHead, SparseUNet, conv_algo, sparse_input
+from xmask3d.network.config import preset
 
 
 def random_sites(count: int, size: int, seed: int) -> torch.Tensor:

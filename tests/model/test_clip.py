@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from storage.errors import InputError
-from xmask3d.clip import TINY_CLIP_CFG, ClipConfig, ClipImageTower, clip_preset
+from xmask3d.network.clip import TINY_CLIP_CFG, ClipConfig, ClipImageTower, clip_preset
 
 EMBED = 24
 

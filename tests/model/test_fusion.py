@@ -2,7 +2,7 @@
 
 import torch
 
-from xmask3d.fusion import (
+from xmask3d.network.fusion import (
     GATED,
     FeatureMerger,
     assign_pixels,

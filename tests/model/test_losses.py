@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from xmask3d.losses import (
+from xmask3d.network.losses import (
     IGNORE,
     LossConfig,
     SetCriterion,
@@ -22,7 +22,7 @@ from xmask3d.losses import (
     select_masks,
     sigmoid_ce_loss,
 )
-from xmask3d.matcher import HungarianMatcher, pairwise_dice, pairwise_sigmoid_ce, point_sample
+from xmask3d.network.matcher import HungarianMatcher, pairwise_dice, pairwise_sigmoid_ce, point_sample
 
 
 @pytest.mark.parametrize("seed", range(6))

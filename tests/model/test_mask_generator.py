@@ -9,8 +9,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from storage.errors import InputError
-from xmask3d.clip import ClipConfig, ClipImageTower
-from xmask3d.mask_generator import (
+from xmask3d.network.clip import ClipConfig, ClipImageTower
+from xmask3d.network.mask_generator import (
     FEATURE_TAPS,
     MaskClassifier,
     MaskGenerator,

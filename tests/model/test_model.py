@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from tests.model.synthetic_batch import make_batch
 from xmask3d.cli import app
-from xmask3d.config import PRESETS, clean, preset, text_dim
-from xmask3d.losses import compute_losses, loss_weights
-from xmask3d.model import build_model, parameter_counts, parameter_groups, summary
+from xmask3d.network.config import PRESETS, clean, preset, text_dim
+from xmask3d.network.losses import compute_losses, loss_weights
+from xmask3d.network.model import build_model, parameter_counts, parameter_groups, summary
 
 DIM = 384  # MiniLM text space of tiny/small
 BASE = 4

@@ -2,8 +2,13 @@
 
 import torch
 
-from xmask3d.pixel_decoder import MSDeformAttn, MSDeformAttnPixelDecoder, ms_deform_attn, reference_points
-from xmask3d.transformer_decoder import MaskedTransformerDecoder, mask_pooling
+from xmask3d.network.pixel_decoder import (
+    MSDeformAttn,
+    MSDeformAttnPixelDecoder,
+    ms_deform_attn,
+    reference_points,
+)
+from xmask3d.network.transformer_decoder import MaskedTransformerDecoder, mask_pooling
 
 
 def _bilinear(img: torch.Tensor, x: float, y: float) -> torch.Tensor:

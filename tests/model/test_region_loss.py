@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xmask3d.losses import LossConfig, loss_weights, region_caption_loss
+from xmask3d.network.losses import LossConfig, loss_weights, region_caption_loss
 
 
 def two_regions():

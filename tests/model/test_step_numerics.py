@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tests.model.synthetic_batch import make_batch
-from xmask3d.losses import compute_losses
-from xmask3d.model import build_model, parameter_groups
-from xmask3d.train import build_optimizer, train_step
+from xmask3d.engine.train import build_optimizer, train_step
+from xmask3d.network.losses import compute_losses
+from xmask3d.network.model import build_model, parameter_groups
 
 FIRST = {
     "loss": 68.924324, "loss_ce": 1.938277, "loss_mask": 0.681772, "loss_dice": 0.726655,

@@ -8,7 +8,7 @@ import torch
 
 from storage.errors import InputError
 from tests.model.synthetic_batch import make_batch
-from xmask3d.config import (
+from xmask3d.network.config import (
     SWITCHES,
     check_switches,
     model_config_from_dict,
@@ -17,8 +17,8 @@ from xmask3d.config import (
     variant_switches,
     with_switches,
 )
-from xmask3d.losses import compute_losses, loss_weights
-from xmask3d.model import build_model, trainable_parameters
+from xmask3d.network.losses import compute_losses, loss_weights
+from xmask3d.network.model import build_model, trainable_parameters
 
 DIM = 384
 BASE = 4
@@ -151,8 +151,8 @@ def test_model_config_round_trip_and_switch_mismatch():
 
 
 def test_inference_rebuilds_the_recorded_variant(tmp_path):
-    from xmask3d.checkpoint import save_checkpoint
-    from xmask3d.evaluate import load_model_for_inference
+    from xmask3d.engine.checkpoint import save_checkpoint
+    from xmask3d.engine.predict import load_model_for_inference
 
     cfg = with_switches(preset("tiny"), fusion=False, binary_head=False)
     torch.manual_seed(3)
@@ -168,7 +168,7 @@ def test_inference_rebuilds_the_recorded_variant(tmp_path):
 
 
 def test_region_captions_variant_part():
-    from xmask3d.config import variant_supervision
+    from xmask3d.network.config import variant_supervision
 
     assert variant_switches("region-captions") == {} and variant_supervision("region-captions") == "region"
     mixed = "region-captions+no-fusion"

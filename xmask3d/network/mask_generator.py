@@ -28,8 +28,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from storage.errors import InputError
-from xmask3d.pixel_decoder import MSDeformAttnPixelDecoder
-from xmask3d.transformer_decoder import MaskedTransformerDecoder
+from xmask3d.network.pixel_decoder import MSDeformAttnPixelDecoder
+from xmask3d.network.transformer_decoder import MaskedTransformerDecoder
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def empty_prompt_context(cfg: MaskGeneratorConfig, dim: int) -> torch.Tensor:
         log.info("mask generator: random empty-prompt context (no text_encoder_path)")
         gen = torch.Generator().manual_seed(EMPTY_CONTEXT_SEED)
         return torch.randn(1, cfg.context_length, dim, generator=gen)
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer  # heavy: only with Stable Diffusion weights
 
     if cfg.tokenizer_path is None:
         raise InputError("mask generator: text_encoder_path is set but tokenizer_path is not")

@@ -5,7 +5,7 @@ the global vector conditions the diffusion mask generator, whose masks are class
 base-class text embeddings; the final (disjoint) 2D masks give covered points a 2D feature, merged
 with the 3D feature; MaskCLIP embeddings of the raw masks regularise the 3D features.
 
-``forward`` (training) returns what ``xmask3d.losses.compute_losses`` needs; ``infer``
+``forward`` (training) returns what ``xmask3d.network.losses.compute_losses`` needs; ``infer``
 (evaluation) returns per-point features, final masks and their MaskCLIP embeddings, with the
 official eval-time query dropping and binary gating.
 
@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from xmask3d.backbone3d import Backbone3D, BinaryHead, sparse_input
-from xmask3d.clip import ClipImageTower
-from xmask3d.config import ModelConfig, preset, text_dim
-from xmask3d.fusion import (
+from xmask3d.network.backbone3d import Backbone3D, BinaryHead, sparse_input
+from xmask3d.network.clip import ClipImageTower
+from xmask3d.network.config import ModelConfig, preset, text_dim
+from xmask3d.network.fusion import (
     FeatureMerger,
     assign_pixels,
     gate_query_logits,
@@ -38,8 +38,8 @@ from xmask3d.fusion import (
     query_scores,
     upsample_masks,
 )
-from xmask3d.losses import mask_confidence
-from xmask3d.mask_generator import MaskClassifier, MaskGenerator
+from xmask3d.network.losses import mask_confidence
+from xmask3d.network.mask_generator import MaskClassifier, MaskGenerator
 
 
 def _float32(value: Any) -> Any:
@@ -294,7 +294,7 @@ def summary(name: str) -> str:
     The network is built on the meta device (no memory, no weights). The paper CLIP tower is built
     from its open_clip config dict, because open_clip's ``create_model`` moves models to a real device.
     """
-    import open_clip
+    import open_clip  # heavy: imported only when a CLIP tower is built
 
     cfg = preset(name)
     if cfg.clip.model_cfg is None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from storage.errors import InputError
 
@@ -95,3 +97,35 @@ def check_compatible(payload: dict[str, Any], path: Path, *, preset: str, benchm
     if payload.get("benchmark") != benchmark:
         raise InputError(f"{path}: checkpoint is for benchmark {payload.get('benchmark')!r}, "
                          f"not {benchmark!r}")
+
+
+def model_state(model: nn.Module, skip_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The state dict without the keys under `skip_prefixes` (weights that reload from files)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefixes)}
+
+
+def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], skip_prefixes: tuple[str, ...] = ()
+                     ) -> None:
+    """Load a checkpoint's weights; only keys under `skip_prefixes` may be missing."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(skip_prefixes)]
+    if missing or result.unexpected_keys:
+        raise InputError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected "
+                         f"{list(result.unexpected_keys)[:5]}")
+
+
+def pretrained_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of frozen parts loaded from local pretrained files (not checkpointed).
+
+    Random-init frozen parts (the `tiny`/`small` presets) stay in the checkpoint: they cannot be
+    rebuilt from a file.
+    """
+    cfg = model.cfg
+    prefixes = []
+    if getattr(cfg.mask_generator, "unet_path", None):
+        prefixes.append("mask_generator.unet.")
+    if getattr(cfg.mask_generator, "vae_path", None):
+        prefixes.append("mask_generator.vae.")
+    if getattr(cfg.clip, "checkpoint", None):
+        prefixes.append("clip.visual.")
+    return tuple(prefixes)

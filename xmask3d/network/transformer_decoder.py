@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmask3d.pixel_decoder import PositionEmbeddingSine
+from xmask3d.network.pixel_decoder import PositionEmbeddingSine
 
 
 class MLP(nn.Module):

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from preprocessing.text import TINY_EMBED_DIM, MiniLMTextEncoder
 from storage.errors import InputError
-from xmask3d.backbone3d import Backbone3DConfig
-from xmask3d.clip import ClipConfig, clip_preset
-from xmask3d.losses import CAPTION_SUPERVISION, LossConfig
-from xmask3d.mask_generator import MaskGeneratorConfig, mask_generator_preset
+from xmask3d.network.backbone3d import Backbone3DConfig
+from xmask3d.network.clip import ClipConfig, clip_preset
+from xmask3d.network.losses import CAPTION_SUPERVISION, LossConfig
+from xmask3d.network.mask_generator import MaskGeneratorConfig, mask_generator_preset
 
 PRESETS = ("tiny", "small", "paper")
 # The OpenAI ViT-L/14 weights need QuickGELU; open_clip names that architecture "ViT-L-14-quickgelu".
@@ -39,7 +40,7 @@ class ModelConfig:
     mask_generator: MaskGeneratorConfig = field(default_factory=MaskGeneratorConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    # text space of class names and captions (xmask3d.text.build_text_encoder spec)
+    # text space of class names and captions (preprocessing.text.build_text_encoder spec)
     text_encoder: str = f"openclip:{PAPER_CLIP_MODEL}:{PAPER_CLIP_CHECKPOINT}"
     # eval gating threshold of a mask's mean binary probability (spec §4 step 3)
     binary_2d_thresh: float = 0.5
@@ -257,15 +258,13 @@ def preset(
 def text_dim(spec: str) -> int:
     """Dimension of the text space named by a text-encoder spec, without loading the encoder."""
     if spec == "minilm":
-        from xmask3d.text import MiniLMTextEncoder
 
         return MiniLMTextEncoder.dim
     if spec == "openclip-tiny":
-        from xmask3d.text import TINY_EMBED_DIM
 
         return TINY_EMBED_DIM
     if spec.startswith("openclip:"):
-        import open_clip
+        import open_clip  # heavy: only for an open_clip text spec
 
         model_cfg = open_clip.get_model_config(spec.split(":")[1])
         if model_cfg is None:

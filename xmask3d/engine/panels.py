@@ -18,19 +18,28 @@ Matplotlib on the Agg backend (no display). The tiles are placed at exact pixel 
 from __future__ import annotations
 
 import io
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from mlflow import MlflowClient
+from scipy import ndimage
+
+from storage.benchmarks import get_benchmark
+from storage.dataset import scene_labels
+from storage.errors import InputError
+from storage.store import open_store
+from xmask3d.engine import tracking
+from xmask3d.engine.plots import class_palette
+from xmask3d.engine.predict import load_model_for_inference, predict_scene
+from xmask3d.engine.tracking import resolve_model
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 from matplotlib.patches import Patch  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-from xmask3d.plots import class_palette  # noqa: E402
 
 HEAD_TITLES = {"3d": "3D head", "2d": "2D head", "fused": "fused head"}
 TILES = ("image", "gt", "legend", "3d", "2d", "fused")  # row-major 3×2 grid
@@ -298,16 +307,8 @@ def render_run(model: str, scene_id: str, out_dir: Path, store: Path | None = No
     path; the store defaults to the one the run was trained on (param ``data.store``). The scene is
     predicted with every view, as in evaluation. -> the written PNG paths.
     """
-    import tempfile
 
-    from mlflow import MlflowClient
 
-    from preprocessing.benchmarks import get_benchmark
-    from storage.dataset import scene_labels
-    from storage.errors import InputError
-    from storage.store import open_store
-    from xmask3d import tracking
-    from xmask3d.evaluate import load_model_for_inference, predict_scene, resolve_model
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, run_id = resolve_model(model, tracking_uri, Path(tmp))

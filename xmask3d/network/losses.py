@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from xmask3d.matcher import HungarianMatcher, point_sample
+from storage.benchmarks import get_benchmark
+from xmask3d.network.matcher import HungarianMatcher, point_sample
 
 IGNORE = 255
 # LossConfig.caption_supervision values (ModelConfig.caption_supervision is copied into it)
@@ -121,10 +122,9 @@ class LossConfig:
     def with_benchmark(self, benchmark: Any) -> LossConfig:
         """The per-benchmark recipe (binary weight / pos_weight, contra weight / start epoch) applied.
 
-        ``benchmark`` is a ``preprocessing.benchmarks.Benchmark`` or its name.
+        ``benchmark`` is a ``storage.benchmarks.Benchmark`` or its name.
         """
         if isinstance(benchmark, str):
-            from preprocessing.benchmarks import get_benchmark
 
             benchmark = get_benchmark(benchmark)
         return replace(

@@ -1,6 +1,6 @@
 """The component ablation study: train and evaluate model variants, compare them in one table.
 
-A *variant* is a set of component switches turned off (``xmask3d.config.SWITCHES``; names from
+A *variant* is a set of component switches turned off (``xmask3d.network.config.SWITCHES``; names from
 ``variant_switches``: ``full``, ``no-fusion``, ``no-implicit-condition+no-binary-head``, ...). The
 default list is the full model and each switch off alone, as the paper's ablation table. A
 ``region-captions`` part (``region-captions``, ``no-fusion+region-captions``) trains that variant
@@ -29,8 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storage.benchmarks import get_benchmark
 from storage.errors import InputError
-from xmask3d.config import SWITCHES, variant_name, variant_supervision, variant_switches
+from xmask3d.engine import tracking
+from xmask3d.engine.evaluate import evaluate_loaded, log_evaluation
+from xmask3d.engine.predict import load_model_for_inference
+from xmask3d.engine.train import check_store, train, train_preset
+from xmask3d.network.config import SWITCHES, variant_name, variant_supervision, variant_switches
+from xmask3d.network.model import trainable_parameters
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +156,6 @@ def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 def start_ablation(store_path: Path, benchmark: str, preset: str, variants: Sequence[str],
                    tracking_uri: str | None = None, train_overrides: Mapping[str, Any] | None = None) -> str:
     """Check the inputs and open the parent MLflow run; -> its run id."""
-    from preprocessing.benchmarks import get_benchmark
-    from xmask3d import tracking
-    from xmask3d.train import check_store, train_preset
 
     bench = get_benchmark(benchmark)
     names = resolve_variants(list(variants))
@@ -172,10 +175,6 @@ def run_variant(store_path: Path, benchmark: str, preset: str, variant: str, par
                 max_views: int = 0, panel_scenes: int = 1) -> VariantResult:
     """Train one variant (nested under the parent run), evaluate it on the validation scenes
     (metrics and panels into the variant's run); -> its result."""
-    from xmask3d import tracking
-    from xmask3d.evaluate import evaluate_loaded, load_model_for_inference, log_evaluation
-    from xmask3d.model import trainable_parameters
-    from xmask3d.train import train, train_preset
 
     name = variant_name(variant_switches(variant), variant_supervision(variant))
     switches = {s: True for s in SWITCHES} | variant_switches(name)
@@ -208,7 +207,6 @@ def run_variant(store_path: Path, benchmark: str, preset: str, variant: str, par
 def finish_ablation(parent_run_id: str, benchmark: str, preset: str, results: Sequence[VariantResult],
                     tracking_uri: str | None = None) -> AblationResult:
     """Write the comparison table into the parent run (markdown + CSV) and end it."""
-    from xmask3d import tracking
 
     rows = table_rows(results)
     markdown = table_markdown(rows, benchmark, preset)
@@ -225,7 +223,6 @@ def finish_ablation(parent_run_id: str, benchmark: str, preset: str, results: Se
 
 def end_failed(parent_run_id: str, benchmark: str, tracking_uri: str | None = None) -> None:
     """Mark the parent run FAILED (a variant raised)."""
-    from xmask3d import tracking
 
     tracking.RunTracker(tracking_uri, benchmark, run_id=parent_run_id).end("FAILED")
 

@@ -6,12 +6,12 @@ carry a training label; they reach training only through captions. The runner
 1. writes synthetic raw ScanNet scenes (``preprocessing.synthetic.write_scannet``: view captions
    and a detector-captioner's region captions, boxes + phrases);
 2. preprocesses them once into ``captions.zarr`` (view captions and region point sets);
-3. trains the same model (``xmask3d.train.train``, evaluation on the held-out scenes included) in
+3. trains the same model (``xmask3d.engine.train.train``, evaluation on the held-out scenes included) in
    each condition for every seed — ``no-captions`` (every caption loss off), ``official`` (the
    paper's view-caption losses), ``region`` (the region-caption contrastive losses) — and tags
    each MLflow run with its condition and seed;
 4. scores two baselines on the same held-out scenes: the majority base class of the training
-   scenes (``xmask3d.evaluate``) and a nearest-class-name baseline (each view's points take the
+   scenes (``xmask3d.engine.evaluate``) and a nearest-class-name baseline (each view's points take the
    class whose name embedding is nearest to the view's caption embedding);
 5. summarises novel / base mIoU and hIoU per head and condition (mean, min, max over seeds) and
    logs the summary as its own MLflow run.
@@ -29,8 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow import MlflowClient
 
+from preprocessing.pipeline import PreprocessConfig, prepare_store, preprocess_scannet_scene
+from preprocessing.synthetic import write_scannet
+from preprocessing.text import build_text_encoder
+from storage.benchmarks import get_benchmark
+from storage.dataset import scene_labels
 from storage.errors import InputError
+from storage.store import open_store
+from xmask3d.engine.metrics import ConfusionAccumulator, split_scores
+from xmask3d.engine.predict import VoteAccumulator
+from xmask3d.engine.tracking import RunTracker
+from xmask3d.engine.train import train, train_preset
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +67,7 @@ class OpenVocabConfig:
     data_seed: int = 0
     seeds: tuple[int, ...] = (0, 1)
     conditions: tuple[str, ...] = CONDITIONS
-    # overrides of the `tiny` training recipe (xmask3d.train.TRAIN_PRESETS)
+    # overrides of the `tiny` training recipe (xmask3d.engine.train.TRAIN_PRESETS)
     # 12 training scenes x loop 4 / batch 2 = 24 steps per epoch; 20 epochs = 480 steps, about
     # 4 minutes a run on one core (docs/openvocab.md)
     epochs: int = 20
@@ -147,8 +158,6 @@ class OpenVocabResult:
 
 def prepare_data(out_dir: Path, cfg: OpenVocabConfig, show_progress: bool = True) -> Path:
     """Synthetic raw scenes and their store (view + region captions); reuses complete ones."""
-    from preprocessing.pipeline import PreprocessConfig, prepare_store, preprocess_scannet_scene
-    from preprocessing.synthetic import write_scannet
 
     raw = out_dir / "raw"
     scans = raw / "scans"
@@ -175,11 +184,6 @@ def caption_name_baseline(store_path: Path, benchmark: str, encoder: Any,
     """Each captioned view votes, for all its visible points, the class whose name embedding is
     nearest (cosine) to the view's caption embedding; unseen points take the nearest voted point.
     Uses no model and no training: what matching captions to class names gives on its own."""
-    from preprocessing.benchmarks import get_benchmark
-    from storage.dataset import scene_labels
-    from storage.store import open_store
-    from xmask3d.evaluate import VoteAccumulator
-    from xmask3d.metrics import ConfusionAccumulator, split_scores
 
     bench = get_benchmark(benchmark)
     store = open_store(store_path)
@@ -212,10 +216,8 @@ def caption_name_baseline(store_path: Path, benchmark: str, encoder: Any,
 
 def train_condition(store: Path, cfg: OpenVocabConfig, condition: str, seed: int, out_dir: Path,
                     tracking_uri: str) -> RunRecord:
-    """One training run (with its held-out evaluation) through ``xmask3d.train.train``."""
-    from mlflow import MlflowClient
+    """One training run (with its held-out evaluation) through ``xmask3d.engine.train.train``."""
 
-    from xmask3d.train import train, train_preset
 
     overrides: dict[str, Any] = {"seed": seed, "epochs": cfg.epochs, "loop": cfg.loop,
                                  "batch_size": cfg.batch_size, "max_steps": cfg.max_steps,
@@ -241,9 +243,6 @@ def run_openvocab(out_dir: Path, cfg: OpenVocabConfig | None = None, tracking_ur
                   show_progress: bool = True) -> OpenVocabResult:
     """The whole experiment (see the module docstring); every run logged to ``tracking_uri``
     (default ``sqlite:///<out_dir>/mlruns.db``)."""
-    from preprocessing.benchmarks import get_benchmark
-    from xmask3d.text import build_text_encoder
-    from xmask3d.tracking import RunTracker
 
     cfg = cfg or OpenVocabConfig()
     get_benchmark(cfg.benchmark)

@@ -1,0 +1,1 @@
+"""The engine around the network: checkpoints, inference, evaluation, tracking, training, experiments."""

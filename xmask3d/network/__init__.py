@@ -1,0 +1,1 @@
+"""The XMask3D network: its modules, configuration and losses (imports storage and preprocessing only)."""
