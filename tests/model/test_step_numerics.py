@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.model.synthetic_batch import make_batch
-from xmask3d.engine.train import build_optimizer, train_step
+from xmask3d.engine.train import TrainConfig, build_optimizer, fit, train_step
 from xmask3d.network.losses import compute_losses
 from xmask3d.network.model import build_model, parameter_groups
 
@@ -60,3 +60,39 @@ def test_losses_of_one_step_match_the_reference():
     step_losses = {k.removeprefix("loss/"): float(v) for k, v in values.items() if k != "grad_norm"}
     assert step_losses == pytest.approx(FIRST, rel=2e-4, abs=2e-5)
     assert after == pytest.approx(AFTER_ONE_STEP, rel=2e-4, abs=2e-5)
+
+
+class _Points(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(i))
+        return {"x": x, "y": x.sum(1, keepdim=True)}
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def test_fit_reads_losses_every_log_every_steps_and_stops_on_a_non_finite_one(tmp_path):
+    """The step keeps losses on the device; fit reads them at log steps, where a non-finite loss of
+    any step since the previous read stops training, before any checkpoint of those steps."""
+    model = torch.nn.Linear(3, 1)
+    logged: list[int] = []
+
+    def loss_fn(m, batch, epoch):
+        loss = ((m(batch["x"]) - batch["y"]) ** 2).mean()
+        if len(calls) == 2:  # the third step
+            loss = loss * float("nan")
+        calls.append(1)
+        return {"loss": loss}
+
+    calls: list[int] = []
+    cfg = TrainConfig(epochs=1, loop=1, batch_size=1, log_every=2, checkpoint_every=4, num_workers=0,
+                      grad_clip=1.0, warmup_iters=0)
+    with pytest.raises(FloatingPointError, match="steps 3-4"):
+        fit(model, _Points(), _collate, loss_fn, cfg, is_3d=lambda name: False, checkpoint_dir=tmp_path,
+            on_log=lambda values, step: logged.append(step))
+    assert logged == [2] and len(calls) == 4
+    assert not (tmp_path / "last.pt").exists()  # the step-4 checkpoint came after the failed check
