@@ -97,20 +97,3 @@ def test_query_binary_mean_and_gating():
     assert gated[0, 0].tolist() == [0, GATED, 0, 0]
     assert gated[0, 1].tolist() == [GATED, 0, GATED, GATED]
 
-
-def test_merge_masks_equals_the_per_point_merger_with_its_gradients():
-    torch.manual_seed(1)
-    merger = FeatureMerger(4)
-    embed = torch.randn(2, 3, 4, requires_grad=True)
-    point_mask = torch.tensor([2, -1, 0, 1, -1])
-    batch_index = torch.tensor([0, 0, 1, 1, 1])
-    feats_3d = torch.randn(5, 4, requires_grad=True)
-    feats_2d, covered = point_mask_features(point_mask, embed, batch_index)
-    per_point = merger(feats_3d, feats_2d, covered)
-    grads = torch.autograd.grad(per_point.square().sum(), [feats_3d, embed, merger.linear.weight])
-    per_mask = merger.merge_masks(feats_3d, embed, batch_index, point_mask)
-    assert torch.allclose(per_mask, per_point, atol=1e-6)
-    assert torch.equal(per_mask[1], feats_3d[1]) and torch.equal(per_mask[4], feats_3d[4])
-    again = torch.autograd.grad(per_mask.square().sum(), [feats_3d, embed, merger.linear.weight])
-    for got, want in zip(again, grads, strict=True):
-        assert torch.allclose(got, want, atol=1e-5)

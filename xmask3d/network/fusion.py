@@ -110,23 +110,16 @@ def gate_query_logits(
 class FeatureMerger(nn.Module):
     """Linear(cat(2D, 3D) → D) for covered points; uncovered points keep the 3D feature.
 
-    No data-dependent shapes (so no host synchronisation): the map runs on every point and
-    ``covered`` selects; uncovered rows receive no gradient."""
+    The map runs on the covered points only; finding them (``nonzero``) is one host
+    synchronisation, kept on purpose: computing the map on every point and selecting (no
+    synchronisation) made the CPU step about 12 % slower where few points are covered
+    (docs/benchmarks.md, training step)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.linear = nn.Linear(2 * dim, dim)
 
     def forward(self, feats_3d: torch.Tensor, feats_2d: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
-        merged = self.linear(torch.cat([feats_2d, feats_3d], dim=1))
-        return torch.where(covered[:, None], merged, feats_3d)
-
-    def merge_masks(self, feats_3d: torch.Tensor, mask_embed: torch.Tensor, batch_index: torch.Tensor,
-                    point_mask: torch.Tensor) -> torch.Tensor:
-        """``forward`` when each covered point's 2D feature is its mask's embedding: the 2D half of
-        the map runs once per mask (mask_embed [B,Q,D]) instead of once per point.
-        point_mask [N] = query id (-1 uncovered) -> [N,D]."""
-        w_2d, w_3d = self.linear.weight.split(feats_3d.shape[1], dim=1)
-        per_mask = mask_embed @ w_2d.T  # [B,Q,D]
-        merged = F.linear(feats_3d, w_3d, self.linear.bias) + per_mask[batch_index, point_mask.clamp(min=0)]
-        return torch.where((point_mask >= 0)[:, None], merged, feats_3d)
+        index = covered.nonzero()[:, 0]
+        merged = self.linear(torch.cat([feats_2d[index], feats_3d[index]], dim=1))
+        return feats_3d.index_put((index,), merged)

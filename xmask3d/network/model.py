@@ -121,9 +121,7 @@ class XMask3D(nn.Module):
 
     def _fuse(self, x, feats_3d, point_mask, mask_embed):
         feats_2d, covered = point_mask_features(point_mask, mask_embed, x["batch_index"])
-        fused = feats_3d
-        if self.merger is not None:
-            fused = self.merger.merge_masks(feats_3d, mask_embed, x["batch_index"], point_mask)
+        fused = self.merger(feats_3d, feats_2d, covered) if self.merger is not None else feats_3d
         return feats_2d, covered, fused
 
     def forward(self, batch: dict[str, Any], base_text: torch.Tensor, epoch: int = 0) -> dict[str, Any]:
