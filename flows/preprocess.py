@@ -1,10 +1,14 @@
-"""preprocess/<dataset>: (download ->) one Prefect task per scene on Dask -> the Zarr store.
+"""preprocess/<dataset>: (download ->) list scenes -> embed captions -> process scenes -> verify.
 
-Orchestration only: each task wraps one plain function of ``preprocessing/``. The per-scene
-tasks run on prefect-dask's ``DaskTaskRunner``: a ``LocalCluster`` of worker processes by default,
-or the Dask cluster at ``dask_address``. The store is the cache: a scene already complete in the
-store is skipped (unless ``overwrite``). A failing scene does not stop the others; the flow run
-ends Failed and names the failed scenes, and the good scenes stay in the store.
+Orchestration only: each Prefect task is a stage and wraps plain functions of ``preprocessing/``.
+The scenes themselves are plain Dask tasks (``preprocessing.run``) on a ``LocalCluster`` of worker
+processes started once per run (while the captions are embedded), or on the Dask cluster at
+``dask_address``: the workers neither import Prefect nor talk to its API, and never load the text
+model (the driver embeds every caption of the run once and ships each scene its rows). This
+process reports each scene as it completes (log line, progress artifact) and publishes the
+per-scene table at the end. The store is the cache: a scene already complete in the store is
+skipped (unless ``overwrite``). A failing scene does not stop the others; the flow run ends
+Failed and names the failed scenes, and the good scenes stay in the store.
 
 Run it without a server (ephemeral API) with ``xmask3d preprocess scannet --raw R --out S.zarr``
 (``python -m flows.preprocess`` for the defaults), or as the deployments ``preprocess/scannet`` and
@@ -13,11 +17,8 @@ Run it without a server (ephemeral API) with ``xmask3d preprocess scannet --raw 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +29,21 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
-from prefect.server.api.server import SubprocessASGIServer
-from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.tasks import exponential_backoff
-from prefect_dask import DaskTaskRunner
 
-from preprocessing import pipeline
-from preprocessing.captions import resolve_captions, resolve_region_captions
+from preprocessing import pipeline, run
+from preprocessing.captions import CaptionEmbeddings, resolve_captions, resolve_region_captions
+from preprocessing.clusters import ClusterSpec
+from preprocessing.clusters import cluster_class as import_cluster_class
+from preprocessing.s3dis.download import URL_ENV as S3DIS_URL_ENV
 from preprocessing.s3dis.download import download_s3dis
 from preprocessing.s3dis.views import view_captions
+from preprocessing.scannet.download import URL_ENV as SCANNET_URL_ENV
 from preprocessing.scannet.download import download_scannet
 from storage.errors import InputError
+from storage.objects import as_path
 from storage.store import open_store, store_lock
 
 DATASETS = ("scannet", "s3dis")
@@ -54,15 +57,57 @@ class ScenesFailedError(RuntimeError):
         self.summaries = list(summaries or [])
 
 
+def _not_input_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed download unless it failed on bad input (a 404, a web page, a refused URL)."""
+    try:
+        state.result()
+    except InputError:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure is worth a retry
+        return True
+    return True
+
+
+def download_url(dataset: str, url_from: str) -> str:
+    """The personal download URL, read where ``url_from`` says: ``env`` or ``secret:<block name>``.
+
+    ``env`` reads ``XMASK3D_SCANNET_URL`` / ``XMASK3D_S3DIS_URL`` of the process running the flow
+    (a worker passes its environment on); ``secret:NAME`` reads the Prefect Secret block NAME. The
+    URL itself is never a flow parameter: parameters are stored in Prefect's database and shown in
+    its UI. Messages never repeat it.
+    """
+    variable = {"scannet": SCANNET_URL_ENV, "s3dis": S3DIS_URL_ENV}[dataset]
+    if url_from == "env":
+        url = os.environ.get(variable, "")
+        if not url:
+            raise InputError(f"url_from='env' but ${variable} is not set where the flow runs")
+        return url
+    if url_from.startswith("secret:") and url_from.removeprefix("secret:"):
+        name = url_from.removeprefix("secret:")
+        try:
+            return str(Secret.load(name).get())
+        except ValueError:
+            raise InputError(f"no Prefect Secret block named {name!r} (create it: see docs/operations.md)") \
+                from None
+    raise InputError("url_from must be 'env' or 'secret:<block name>' (the URL itself is never a "
+                     "parameter: put it in $" + variable + " or a Secret block)")
+
+
 @task(name="download", task_run_name="download-{dataset}", retries=3, cache_policy=NO_CACHE,
-      retry_delay_seconds=exponential_backoff(2))
-def download(dataset: str, raw_dir: str, url: str | None = None, mirror: str | None = None,
-             scenes: list[str] | None = None) -> str:
-    """Fetch the raw files into ``raw_dir`` (complete files are kept, so a retry resumes); -> raw_dir."""
+      retry_delay_seconds=exponential_backoff(2), retry_condition_fn=_not_input_error)
+def download(dataset: str, raw_dir: str, url_from: str | None = None, mirror: str | None = None,
+             scenes: list[str] | None = None, verify: bool = False) -> str:
+    """Fetch the raw files into ``raw_dir`` (complete files are kept, so a retry resumes); -> raw_dir.
+
+    The URL is resolved here from ``url_from`` (``download_url``), so it never passes through
+    Prefect as a parameter or a result. ``verify`` re-checks files already on disk.
+    """
+    url = download_url(dataset, url_from) if url_from else None
+    source = {"url": url, "mirror": Path(mirror) if mirror else None, "verify": verify}
     if dataset == "scannet":
-        download_scannet(Path(raw_dir), url=url, mirror=Path(mirror) if mirror else None, scenes=scenes)
-        return raw_dir
-    download_s3dis(Path(raw_dir), url=url, mirror=Path(mirror) if mirror else None)
+        download_scannet(Path(raw_dir), scenes=scenes, **source)
+    else:
+        download_s3dis(Path(raw_dir), **source)
     return raw_dir
 
 
@@ -90,53 +135,7 @@ def prepare_store(dataset: str, raw_dir: str, store: str, scenes: list[str] | No
     cfg = pipeline.PreprocessConfig(frame_step=frame_step, overwrite=overwrite, text_encoder=text_encoder,
                                     captions=caption_file, views=Path(views) if views else None,
                                     region_captions=region_file)
-    return pipeline.prepare_store(dataset, raw, Path(store), cfg, scenes)
-
-
-@task(name="preprocess-scene", task_run_name="{dataset}-{scene_id}", cache_policy=NO_CACHE)
-def preprocess_scene(dataset: str, raw_dir: str, scene_id: str, store: str, cfg: pipeline.PreprocessConfig,
-                     split: str | None = None) -> pipeline.SceneSummary:
-    """Decode, project, caption-embed and store one scene (a no-op if it is complete in the store)."""
-    return pipeline.SCENE_FUNCTIONS[dataset](Path(raw_dir), scene_id, Path(store), cfg, split)
-
-
-def local_workers(workers: int | None, scenes: int) -> int:
-    """Worker processes of the local cluster: ``workers`` (default: CPU count, at most 4), <= scenes."""
-    wanted = workers if workers is not None else min(4, os.cpu_count() or 1)
-    if wanted < 1:
-        raise InputError(f"workers must be >= 1, got {workers}")
-    return max(1, min(wanted, scenes))
-
-
-def dask_runner(dask_address: str | None, workers: int | None, scenes: int) -> DaskTaskRunner:
-    """A runner on the cluster at ``dask_address``, or on a new LocalCluster of processes."""
-    if dask_address:
-        return DaskTaskRunner(address=dask_address)
-    return DaskTaskRunner(cluster_kwargs={
-        "n_workers": local_workers(workers, scenes),
-        "threads_per_worker": 1,
-        "processes": True,
-        "dashboard_address": ":0",
-    })
-
-
-@contextlib.contextmanager
-def api_shared_with_workers() -> Iterator[None]:
-    """Let Dask worker processes report to this process's Prefect API.
-
-    With the ephemeral API (no PREFECT_API_URL) every worker process would start a temporary
-    server of its own; instead the settings shipped with each task point at this one's.
-    """
-    if get_current_settings().api.url:
-        yield
-        return
-
-    server = SubprocessASGIServer()  # the running ephemeral server of this process
-    if not server.running:
-        yield
-        return
-    with temporary_settings({PREFECT_API_URL: server.api_url}):
-        yield
+    return pipeline.prepare_store(dataset, raw, as_path(store), cfg, scenes)
 
 
 def _one_line(error: BaseException) -> str:
@@ -153,7 +152,7 @@ def skip_complete(store: str, listing: dict[str, str], dataset: str, raw_dir: st
     """Summaries of the scenes complete in the store with this run's settings (the store is the cache)."""
     opened = open_store(store)
     done = {}
-    for scene_id in pipeline.complete_scenes(dataset, Path(raw_dir), Path(store), listing, cfg):
+    for scene_id in pipeline.complete_scenes(dataset, Path(raw_dir), as_path(store), listing, cfg):
         scene = opened.scene(scene_id)
         done[scene_id] = pipeline.SceneSummary(
             scene_id, "skipped", points=scene.num_points, frames_kept=scene.num_frames,
@@ -161,42 +160,58 @@ def skip_complete(store: str, listing: dict[str, str], dataset: str, raw_dir: st
     return done
 
 
-def run_scenes(dataset: str, raw_dir: str, store: str, listing: dict[str, str],
-               cfg: pipeline.PreprocessConfig, dask_address: str | None = None, workers: int | None = None
-               ) -> dict[str, pipeline.SceneSummary]:
-    """Skip complete scenes, run one Dask task per other scene; -> a summary per scene, in order.
+@task(name="embed-captions", task_run_name="embed-{dataset}-captions", cache_policy=NO_CACHE)
+def embed_captions(dataset: str, scene_ids: list[str], cfg: pipeline.PreprocessConfig
+                   ) -> CaptionEmbeddings | None:
+    """Every caption text of the scenes to do, embedded once in this process (None: no captions)."""
+    start = time.monotonic()
+    table = run.embed_run_captions(dataset, scene_ids, cfg)
+    if table is not None:
+        get_run_logger().info("embedded %d caption texts of %d scenes with %s in %.1f s", len(table.texts),
+                              len(scene_ids), table.encoder, time.monotonic() - start)
+    return table
 
-    A scene whose task fails gets a ``failed`` summary naming the error; the others carry on.
-    """
+
+@task(name="process-scenes", task_run_name="process-{dataset}-scenes", cache_policy=NO_CACHE)
+def process_scenes(dataset: str, raw_dir: str, store: str, listing: dict[str, str],
+                   cfg: pipeline.PreprocessConfig, embeddings: CaptionEmbeddings | None,
+                   cluster: run.SceneCluster) -> dict[str, pipeline.SceneSummary]:
+    """One plain Dask task per scene; each result is logged and counted in the progress artifact
+    as it arrives. A scene whose task fails gets a ``failed`` summary naming the error."""
     logger = get_run_logger()
-    summaries = {} if cfg.overwrite else skip_complete(store, listing, dataset, raw_dir, cfg)
-    for scene_id in summaries:
-        logger.info("skipped scene %s (complete in store)", scene_id)
-    todo = [s for s in listing if s not in summaries]
-    if todo:
-        worker_cfg = replace(cfg, show_progress=False) if len(todo) > 1 else cfg  # no interleaved bars
-        progress = create_progress_artifact(0.0, key=f"preprocess-{dataset}-progress",
-                                            description=f"{len(todo)} scenes to preprocess")
-        with api_shared_with_workers(), dask_runner(dask_address, workers, len(todo)) as runner:
-            futures = {}
-            for scene_id in todo:
-                parameters = {"dataset": dataset, "raw_dir": raw_dir, "scene_id": scene_id, "store": store,
-                              "cfg": worker_cfg, "split": listing[scene_id]}
-                futures[runner.submit(preprocess_scene, parameters)] = scene_id
-            for done, future in enumerate(as_completed(list(futures)), start=1):
-                scene_id = futures[future]
-                try:
-                    summary = future.result()
-                except Exception as error:  # one bad scene must not stop the others
-                    summary = pipeline.SceneSummary(scene_id, "failed",
-                                                    error=f"{type(error).__name__}: {_one_line(error)}")
-                    logger.error("scene %s failed: %s", scene_id, summary.error)
-                else:
-                    logger.info("wrote scene %s: %d points, %d frames kept, dropped: %s", scene_id,
-                                summary.points, summary.frames_kept, _dropped_text(summary.frames_dropped))
-                summaries[scene_id] = summary
-                update_progress_artifact(progress, 100.0 * done / len(todo))
-    return {scene_id: summaries[scene_id] for scene_id in listing}
+    progress = create_progress_artifact(0.0, key=f"preprocess-{dataset}-progress",
+                                        description=f"{len(listing)} scenes to preprocess")
+    start = time.monotonic()
+    client = cluster.client
+    where = f"{cluster.local_workers} local workers" if cluster.local_workers else client.scheduler.address
+    logger.info("Dask cluster (%s) ready; waited %.1f s", where, time.monotonic() - start)
+    futures = run.submit_scenes(client, dataset, Path(raw_dir), as_path(store), listing, cfg, embeddings)
+    summaries = {}
+    for done, summary in enumerate(run.scene_results(futures), start=1):
+        if summary.status == "failed":
+            logger.error("scene %s failed: %s", summary.scene_id, summary.error)
+        else:
+            logger.info("%s scene %s: %d points, %d frames kept, dropped: %s (%.1f s)", summary.status,
+                        summary.scene_id, summary.points, summary.frames_kept,
+                        _dropped_text(summary.frames_dropped), summary.seconds)
+        summaries[summary.scene_id] = summary
+        update_progress_artifact(progress, 100.0 * done / len(listing))
+    return summaries
+
+
+@task(name="verify-store", task_run_name="verify-{dataset}-store", cache_policy=NO_CACHE)
+def verify_and_report(dataset: str, store: str, summaries: list[pipeline.SceneSummary], seconds: float
+                      ) -> list[pipeline.SceneSummary]:
+    """Check every scene reported written is complete in the store, then publish the report."""
+    opened = open_store(store)
+    checked = []
+    for summary in summaries:
+        if summary.status == "written" and not opened.is_complete(summary.scene_id):
+            summary = pipeline.SceneSummary(summary.scene_id, "failed",
+                                            error=f"{store}: reported written but not complete in the store")
+        checked.append(summary)
+    publish_report(dataset, store, checked, seconds)
+    return checked
 
 
 def publish_report(dataset: str, store: str, summaries: list[pipeline.SceneSummary], seconds: float) -> None:
@@ -235,8 +250,9 @@ def preprocess(
     dataset: str = "scannet",
     raw_dir: str = "data/raw/scannet",
     store: str = "data/scannet.zarr",
-    url: str | None = None,
+    url_from: str | None = None,
     mirror: str | None = None,
+    verify_download: bool = False,
     scenes: list[str] | None = None,
     frame_step: int = 20,
     captions: str | None = None,
@@ -246,8 +262,20 @@ def preprocess(
     overwrite: bool = False,
     views: str | None = None,
     region_captions: str | None = None,
+    cluster_class: str | None = None,
+    cluster_kwargs: dict[str, Any] | None = None,
+    cluster_jobs: int = 0,
 ) -> list[pipeline.SceneSummary]:
-    """Download (when ``url`` or ``mirror`` is given), then preprocess every scene; -> one summary each.
+    """Download (when ``url_from`` or ``mirror`` is given), then preprocess every scene; -> one summary each.
+
+    ``url_from``: where the personal download URL is read, ``env`` (``$XMASK3D_SCANNET_URL`` /
+    ``$XMASK3D_S3DIS_URL``) or ``secret:<Prefect Secret block>``; ``verify_download`` re-checks the
+    raw files already on disk against the source.
+
+    ``store``: a path or a bucket URL (``s3://``, ``gs://``, ``az://``; credentials from the
+    environment of the flow run and of the Dask workers). ``cluster_class`` / ``cluster_kwargs`` /
+    ``cluster_jobs``: a Dask cluster to start for the run instead of the local one, e.g.
+    ``"dask_jobqueue.SLURMCluster"``, ``{"cores": 8, ...}``, 4 jobs (``preprocessing.clusters``).
 
     Relative paths are resolved against the working directory of the flow run. Raises InputError
     on bad input (the run's state message) and ScenesFailedError, after the other scenes are
@@ -257,18 +285,39 @@ def preprocess(
     start = time.monotonic()
     if dataset not in DATASETS:
         raise InputError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    if cluster_class:
+        import_cluster_class(cluster_class)  # a bad class path fails before anything is written
     raw = str(Path(raw_dir).expanduser().resolve())
-    out = str(Path(store).expanduser().resolve())
-    if url or mirror:
-        download(dataset, raw, url=url, mirror=mirror, scenes=scenes)
+    out = str(as_path(store).expanduser().resolve())
+    if url_from or mirror:
+        download(dataset, raw, url_from=url_from, mirror=mirror, scenes=scenes, verify=verify_download)
         logger.info("raw %s files in %s", dataset, raw)
     views = str(Path(views).expanduser().resolve()) if views else None  # S3DIS: Stanford 2D-3D-S root
     with store_lock(out, f"preprocess {dataset} (flow)"):  # a second run fails naming this one
         listing, cfg = prepare_store(dataset, raw, out, scenes, frame_step, captions, text_encoder, overwrite,
                                      views, region_captions)
         logger.info("%d %s scenes from %s into %s", len(listing), dataset, raw, out)
-        summaries = list(run_scenes(dataset, raw, out, listing, cfg, dask_address, workers).values())
-    publish_report(dataset, out, summaries, time.monotonic() - start)
+        stages = {"list": time.monotonic() - start}
+        done = {} if cfg.overwrite else skip_complete(out, listing, dataset, raw, cfg)
+        for scene_id in done:
+            logger.info("skipped scene %s (complete in store)", scene_id)
+        todo = {s: split for s, split in listing.items() if s not in done}
+        if todo:
+            spec = ClusterSpec(cluster_class, cluster_kwargs or {}, cluster_jobs) if cluster_class else None
+            # the cluster starts while the captions are embedded
+            with run.SceneCluster(dask_address, workers, len(todo), spec) as cluster:
+                mark = time.monotonic()
+                embeddings = embed_captions(dataset, list(todo), cfg)
+                stages["captions"] = time.monotonic() - mark
+                mark = time.monotonic()
+                done.update(process_scenes(dataset, raw, out, todo, cfg, embeddings, cluster))
+                stages["scenes"] = time.monotonic() - mark
+                mark = time.monotonic()
+            stages["cluster close"] = time.monotonic() - mark
+        mark = time.monotonic()
+        summaries = verify_and_report(dataset, out, [done[s] for s in listing], time.monotonic() - start)
+        stages["verify"] = time.monotonic() - mark
+        logger.info("preprocess stages: %s", ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
     logger.info("%s\n%s", out, pipeline.format_summaries(summaries))
     failed = [s for s in summaries if s.status == "failed"]
     if failed:

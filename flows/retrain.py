@@ -8,7 +8,6 @@ champion's.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -18,6 +17,7 @@ from flows.evaluate import evaluate
 from flows.preprocess import preprocess
 from flows.train import HIOU, promote, train
 from storage.errors import InputError
+from storage.objects import as_path
 
 
 @flow(name="retrain", description="New scenes -> train -> evaluate -> promote to champion if hIoU is better.")
@@ -25,7 +25,7 @@ def retrain(
     dataset: str = "scannet",
     raw_dir: str = "data/raw/scannet",
     store: str = "data/scannet.zarr",
-    url: str | None = None,
+    url_from: str | None = None,
     mirror: str | None = None,
     benchmark: str = "scannet20-b15n4",
     preset: str = "tiny",
@@ -37,9 +37,9 @@ def retrain(
 ) -> dict[str, Any]:
     """-> the new model version, its run id and metrics, and whether it became the champion."""
     logger = get_run_logger()
-    preprocess(dataset=dataset, raw_dir=raw_dir, store=store, url=url, mirror=mirror,
+    preprocess(dataset=dataset, raw_dir=raw_dir, store=store, url_from=url_from, mirror=mirror,
                dask_address=dask_address, workers=workers)
-    store_path = str(Path(store).expanduser().resolve())
+    store_path = str(as_path(store).expanduser().resolve())
     refs = train(store=store_path, benchmark=benchmark, preset=preset, train_config=train_config,
                  tracking_uri=tracking_uri, promote_champion=False)
     if refs["model_version"] is None:

@@ -36,6 +36,7 @@ import numpy as np
 from preprocessing.captions import embed_captions, read_json_file
 from preprocessing.text import build_text_encoder, text_encoder_info
 from storage.errors import InputError
+from storage.objects import as_path
 from storage.regions import RegionCaptions
 from storage.store import Store, open_store
 
@@ -346,7 +347,7 @@ def import_captions(store_path: str | Path, fmt: str, captions_json: str | Path,
     index = safe_load_index_pickle(index_pickle)
     _check_names_store(index, store_ids, index_pickle)
 
-    summary = ImportSummary(Path(store_path), fmt, captions_json, index_pickle, encoder_name,
+    summary = ImportSummary(as_path(store_path), fmt, captions_json, index_pickle, encoder_name,
                             not_in_store=sorted((set(captions) | set(index)) - set(store_ids)))
     plans: dict[str, tuple[list[str], list[np.ndarray], list[int]]] = {}
     for scene_id in store_ids:

@@ -2,19 +2,27 @@
 
 Frames without a caption get an empty text and a zero embedding and are listed by the caller in
 the scene attrs (``frames_without_caption``); no caption is ever invented.
+
+This module is imported by the Dask workers, so it does not import torch: a run embeds its
+captions once in the driver (``preprocessing.caption_embed``) and ships each scene a
+``CaptionEmbeddings`` table that ``embed_captions`` looks the texts up in.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from preprocessing.text import TextEncoder
 from storage.errors import InputError
+
+if TYPE_CHECKING:
+    from preprocessing.text import TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +71,56 @@ def scene_captions(captions: dict[str, dict[int, str]], scene_id: str, frame_ind
     return texts, missing
 
 
-def embed_captions(texts: list[str], encoder: TextEncoder, batch_size: int = 64) -> np.ndarray:
+@dataclass(frozen=True)
+class CaptionEmbeddings:
+    """Embeddings of caption texts computed once by the driver; workers look texts up in it.
+
+    ``encoder``: the text encoder's name (recorded in the store); ``texts`` unique, non-blank;
+    ``vectors`` float16 [T, D], row i embeds ``texts[i]``.
+    """
+
+    encoder: str
+    texts: tuple[str, ...]
+    vectors: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @cached_property
+    def _rows(self) -> dict[str, int]:
+        return {text: i for i, text in enumerate(self.texts)}
+
+    def select(self, texts: list[str] | set[str]) -> CaptionEmbeddings:
+        """The rows of ``texts`` only (what one scene needs, so a task carries kilobytes)."""
+        keep = sorted({self._rows[t] for t in texts if t in self._rows})
+        return CaptionEmbeddings(self.encoder, tuple(self.texts[i] for i in keep), self.vectors[keep])
+
+    def lookup(self, texts: list[str]) -> np.ndarray:
+        """float16 [K, D]: the row of each text, a zero row for a blank one."""
+        out = np.zeros((len(texts), self.dim), np.float16)
+        for k, text in enumerate(texts):
+            if text.strip():
+                row = self._rows.get(text)
+                if row is None:
+                    raise ValueError(f"caption {text[:60]!r} was not embedded by the driver "
+                                     f"({len(self.texts)} texts in the table)")
+                out[k] = self.vectors[row]
+        return out
+
+
+def embed_captions(texts: list[str], encoder: TextEncoder | CaptionEmbeddings,
+                   batch_size: int = 64) -> np.ndarray:
     """float16 [K, D] embeddings; empty texts get a zero row (not embedded).
 
-    Runs torch single-threaded: the reduction order of a matmul depends on the thread count, and
-    the store must hold the same bits whichever process (a Dask worker or the caller) embeds.
+    ``encoder``: a ``CaptionEmbeddings`` table (a lookup, no torch: the Dask workers' case) or a
+    text encoder loaded in this process. The encoder runs torch single-threaded: the reduction
+    order of a matmul depends on the thread count, and the bits must not depend on the machine.
     """
+    if isinstance(encoder, CaptionEmbeddings):
+        return encoder.lookup(texts)
+    import torch  # heavy: only the process that embeds imports it (never a preprocessing worker)
+
     out = np.zeros((len(texts), encoder.dim), np.float16)
     keep = [i for i, t in enumerate(texts) if t.strip()]
     threads = torch.get_num_threads()

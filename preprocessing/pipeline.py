@@ -1,15 +1,19 @@
-"""Raw ScanNet / S3DIS -> the Zarr store: one plain function per scene, and a Dask driver.
+"""Raw ScanNet / S3DIS -> the Zarr store: one plain function per scene.
 
 ``preprocess_scannet_scene`` streams a scene's ``.sens`` (one frame in memory at a time, frames
 buffered one projection batch / one store shard at a time), reads its mesh, projects the points
-into each kept depth frame, embeds the view captions and writes ``scenes/<id>`` atomically.
-``run_preprocess`` runs one task per scene on a Dask cluster (a ``LocalCluster`` of processes by
-default); a failing scene is reported in its summary and does not stop the others.
-The Prefect flows call the same per-scene functions.
+into each kept depth frame, attaches the view captions' embeddings and writes ``scenes/<id>``
+atomically. ``preprocessing.run`` drives these functions as plain Dask tasks; the Prefect flow
+(flows/preprocess.py) drives the same.
+
+This module is what a Dask worker imports: it imports neither torch nor Prefect. Caption
+embeddings come from the driver as a ``CaptionEmbeddings`` table (``embeddings=``); only a
+caller that passes none, in its own process, loads the text model (``caption_embed``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,17 +29,19 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from preprocessing.captions import embed_captions, load_captions, scene_captions
+from preprocessing.captions import CaptionEmbeddings, embed_captions, load_captions, scene_captions
 from preprocessing.projection import Correspondences, prepare_points, project_points
 from preprocessing.region_captions import load_region_captions, scene_region_sets
 from preprocessing.s3dis.reader import read_s3dis_room
 from preprocessing.s3dis.views import index_views, resolve_views_dir, room_frames, store_room_views
-from preprocessing.scannet.mesh import read_scannet_scene, scene_paths
+from preprocessing.scannet.labels2d import LabelImages, label_zip_path
+from preprocessing.scannet.mesh import read_label_tsv, read_scannet_scene, scene_paths
 from preprocessing.scannet.sens import SensReader
+from preprocessing.scannet.splits import list_scenes, scene_dir
 from storage.errors import InputError
 from storage.regions import RegionCaptions
 from storage.schema import DEPTH_SCALE
-from storage.store import OTHER_SETTINGS, create_store, open_store, recover_store, store_lock
+from storage.store import OTHER_SETTINGS, create_store, open_store, recover_store
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +84,9 @@ class SceneSummary:
 
 
 def list_scannet_scenes(raw_dir: Path) -> dict[str, str]:
-    """Scene id -> 'train' | 'val' from the official split lists, for scenes present in scans/."""
-    raw_dir = Path(raw_dir)
-    scans = raw_dir / "scans"
-    if not scans.is_dir():
-        raise InputError(f"{scans}: not found (expected the raw ScanNet v2 layout)")
-    out: dict[str, str] = {}
-    for split in ("train", "val"):
-        listing = raw_dir / f"scannetv2_{split}.txt"
-        if not listing.is_file():
-            raise InputError(f"{listing}: split list not found")
-        for line in listing.read_text().split():
-            if (scans / line).is_dir():
-                out[line] = split
-            else:
-                log.info("%s: listed in %s but not in scans/", line, listing.name)
-    if not out:
-        raise InputError(f"{scans}: no scene of the split lists is present")
-    return dict(sorted(out.items()))
+    """Scene id -> 'train' | 'val' | 'test' for the scenes under scans/ and scans_test/: split lists
+    of the raw directory where present, else the official lists shipped with the package."""
+    return list_scenes(raw_dir)
 
 
 def s3dis_room_id(area: str, room: str) -> str:
@@ -133,14 +124,6 @@ def _s3dis_room_dir(raw_dir: Path, room_id: str) -> Path:
     return base / f"{prefix}_{number}" / room
 
 
-@functools.cache
-def _text_encoder(spec: str):
-    """One encoder per worker process (loading MiniLM takes seconds)."""
-    from preprocessing.text import build_text_encoder  # heavy: torch and a text model, only with captions
-
-    return build_text_encoder(spec)
-
-
 def _file_version(path: Path, what: str) -> tuple[Path, int, int]:
     """(path, mtime, size): the cache key of a parsed file, so a changed file is parsed again."""
     path = Path(path)
@@ -171,6 +154,37 @@ def _load_captions_cached(path: Path, mtime_ns: int, size: int) -> dict[str, dic
     return load_captions(path)
 
 
+def scene_texts(dataset: str, scene_id: str, cfg: PreprocessConfig) -> set[str]:
+    """Every caption text the scene may store: view captions and region phrases of the frames
+    the frame step can keep (ScanNet), or of every view (S3DIS). What the driver embeds."""
+    texts: set[str] = set()
+    if cfg.captions is not None and (dataset == "scannet" or cfg.views is not None):
+        frames = _captions(Path(cfg.captions)).get(scene_id, {})
+        step = cfg.frame_step if dataset == "scannet" else 1
+        texts.update(t for i, t in frames.items() if i % step == 0)
+    if cfg.region_captions is not None and dataset == "scannet":
+        for i, regions in _region_captions(Path(cfg.region_captions)).get(scene_id, {}).items():
+            if i % cfg.frame_step == 0:
+                texts.update(text for text, _ in regions)
+    return {t for t in texts if t.strip()}
+
+
+def _embeddings(dataset: str, scene_id: str, cfg: PreprocessConfig,
+                embeddings: CaptionEmbeddings | None) -> CaptionEmbeddings:
+    """The driver's table, or (a call in one process without one) the scene's texts embedded here."""
+    if embeddings is not None:
+        return embeddings
+    from preprocessing.caption_embed import embed_texts  # heavy: torch; never on a Dask worker
+
+    return embed_texts(scene_texts(dataset, scene_id, cfg), cfg.text_encoder)
+
+
+def _check_encoder(store, name: str | None) -> None:
+    if name != store.attrs.get("text_encoder"):
+        raise InputError(f"{store.path}: store captions use {store.attrs.get('text_encoder')!r}, "
+                         f"this run {name!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # What makes a scene: its fingerprint in the store
 
@@ -197,9 +211,10 @@ def scene_fingerprint(dataset: str, raw_dir: Path, scene_id: str, split: str, cf
     """
     raw_dir = Path(raw_dir)
     if dataset == "scannet":
-        scene_dir = raw_dir / "scans" / scene_id
-        files = {"sens": scene_dir / f"{scene_id}.sens", **scene_paths(scene_dir),
-                 "label_tsv": raw_dir / "scannetv2-labels.combined.tsv"}
+        raw_scene = scene_dir(raw_dir, scene_id, split)
+        files = {"sens": raw_scene / f"{scene_id}.sens", **scene_paths(raw_scene),
+                 "label_tsv": raw_dir / "scannetv2-labels.combined.tsv",
+                 "label_images": label_zip_path(raw_scene)}
         captions = _captions(Path(cfg.captions)).get(scene_id) if cfg.captions is not None else None
         regions = (_region_captions(Path(cfg.region_captions)).get(scene_id, {})
                    if cfg.region_captions is not None else None)
@@ -252,8 +267,13 @@ def _skip_or_rewrite(store, dataset: str, raw_dir: Path, scene_id: str, split: s
 
 
 def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg: PreprocessConfig,
-                             split: str | None = None) -> SceneSummary:
-    """Decode, project, caption-embed and store one ScanNet scene (skips a complete one)."""
+                             split: str | None = None, embeddings: CaptionEmbeddings | None = None
+                             ) -> SceneSummary:
+    """Decode, project, caption-embed and store one ScanNet scene (skips a complete one).
+
+    ``embeddings``: the driver's table holding this scene's texts (``scene_texts``); None embeds
+    them in this process.
+    """
 
     start = time.perf_counter()
     raw_dir = Path(raw_dir)
@@ -261,11 +281,11 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
     if split is None:
         split = list_scannet_scenes(raw_dir).get(scene_id)
         if split is None:
-            raise InputError(f"{raw_dir}: scene {scene_id} is in no split list")
+            raise InputError(f"{raw_dir}: no scene directory {scene_id} under scans/ or scans_test/")
     fingerprint, skip = _skip_or_rewrite(store, "scannet", raw_dir, scene_id, split, cfg)
     if skip:
         return SceneSummary(scene_id, "skipped")
-    scene_dir = raw_dir / "scans" / scene_id
+    raw_scene = scene_dir(raw_dir, scene_id, split)
     captions = None
     if cfg.captions is not None:
         captions = _captions(Path(cfg.captions))
@@ -276,14 +296,17 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
     if cfg.region_captions is not None:
         regions = _region_captions(Path(cfg.region_captions)).get(scene_id, {})
     needs_text = captions is not None or regions is not None
-    encoder = _text_encoder(cfg.text_encoder) if needs_text else None
-    if (encoder.name if encoder else None) != store.attrs.get("text_encoder"):
-        raise InputError(f"{store.path}: store captions use {store.attrs.get('text_encoder')!r}, "
-                         f"this run {encoder.name if encoder else None!r}")
+    encoder = _embeddings("scannet", scene_id, cfg, embeddings) if needs_text else None
+    _check_encoder(store, encoder.encoder if encoder else None)
 
-    sens_path = scene_dir / f"{scene_id}.sens"
+    sens_path = raw_scene / f"{scene_id}.sens"
     sens = SensReader(sens_path)
-    mesh = read_scannet_scene(scene_dir, raw_dir / "scannetv2-labels.combined.tsv")
+    tsv = raw_dir / "scannetv2-labels.combined.tsv"
+    mesh = read_scannet_scene(raw_scene, tsv, annotated=split != "test")
+    zip_path = label_zip_path(raw_scene)
+    label_images = LabelImages(zip_path, tsv) if zip_path.is_file() else None
+    if label_images is None:
+        log.info("%s: no %s; training splats point labels into its views", scene_id, zip_path.name)
     W, H = cfg.image_size
     K = sens.intrinsic(cfg.image_size).astype(np.float32)
     points = prepare_points(mesh.xyz)
@@ -305,18 +328,19 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
             batch_pose.clear()
             batch_depth.clear()
 
-    with store.writer(scene_id, fingerprint) as writer:
+    with store.writer(scene_id, fingerprint) as writer, label_images or contextlib.nullcontext():
         writer.write("points/xyz", mesh.xyz.astype(np.float32))
         writer.write("points/rgb", mesh.rgb.astype(np.uint8))
         writer.write("points/nyu40", mesh.nyu40.astype(np.uint8))
         writer.write("points/category", mesh.category.astype(np.uint16))
-        writer.begin_frames(max_frames, cfg.image_size)
+        writer.begin_frames(max_frames, cfg.image_size, label_images=label_images is not None)
         frames = sens.frames(step=cfg.frame_step, size=cfg.image_size)
         bar = tqdm(frames, total=max_frames, desc=scene_id, unit="frame", leave=False,
                    disable=not cfg.show_progress)
         for frame in bar:
             depth_mm = np.rint(np.clip(frame.depth * DEPTH_SCALE, 0, 65535)).astype(np.uint16)
-            writer.add_frame(np.ascontiguousarray(frame.color, dtype=np.uint8), depth_mm)
+            labels = label_images.frame(frame.index, cfg.image_size) if label_images else None
+            writer.add_frame(np.ascontiguousarray(frame.color, dtype=np.uint8), depth_mm, labels)
             indices.append(frame.index)
             poses.append(frame.pose.astype(np.float32))
             batch_pose.append(poses[-1])
@@ -351,6 +375,8 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
         dropped = dict(sens.dropped)
         source_files = {**{str(k): int(v) for k, v in mesh.source_files.items()},
                         sens_path.name: int(sens_path.stat().st_size)}
+        if label_images is not None:
+            source_files[zip_path.name] = int(zip_path.stat().st_size)
         writer.commit({
             "split": split,
             "dataset": "scannet",
@@ -368,6 +394,8 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
             "depth_scale": DEPTH_SCALE,
             "depth_tolerance": cfg.depth_tolerance,
             "margin": cfg.margin,
+            # 2D label images: None = the scene has none and training splats point labels instead
+            "label_images": {"file": zip_path.name, "resize": "nearest"} if label_images else None,
         })
     return SceneSummary(scene_id, "written", points=len(mesh.xyz), frames_kept=n_frames,
                         frames_dropped=dropped, seconds=time.perf_counter() - start,
@@ -375,7 +403,8 @@ def preprocess_scannet_scene(raw_dir: Path, scene_id: str, store_path: Path, cfg
 
 
 def preprocess_s3dis_room(raw_dir: Path, room_id: str, store_path: Path, cfg: PreprocessConfig,
-                          split: str | None = None) -> SceneSummary:
+                          split: str | None = None, embeddings: CaptionEmbeddings | None = None
+                          ) -> SceneSummary:
     """Store one S3DIS room: points and labels, and with ``cfg.views`` its 2D-3D-S views.
 
     Views are stored square (side = the configured image height), projected and caption-embedded
@@ -396,10 +425,8 @@ def preprocess_s3dis_room(raw_dir: Path, room_id: str, store_path: Path, cfg: Pr
     if cfg.views is not None:
         if cfg.captions is not None:
             captions = _captions(Path(cfg.captions)).get(room_id, {})
-            encoder = _text_encoder(cfg.text_encoder)
-        if (encoder.name if encoder else None) != store.attrs.get("text_encoder"):
-            raise InputError(f"{store.path}: store captions use {store.attrs.get('text_encoder')!r}, "
-                             f"this run {encoder.name if encoder else None!r}")
+            encoder = _embeddings("s3dis", room_id, cfg, embeddings)
+        _check_encoder(store, encoder.encoder if encoder else None)
     room = read_s3dis_room(room_dir)
     W, H = (cfg.image_size[1], cfg.image_size[1]) if cfg.views is not None else cfg.image_size
     views = None
@@ -454,11 +481,12 @@ SCENE_FUNCTIONS = {"scannet": preprocess_scannet_scene, "s3dis": preprocess_s3di
 
 
 def preprocess_scene_safe(dataset: str, raw_dir: Path, scene_id: str, store_path: Path,
-                          cfg: PreprocessConfig, split: str | None = None) -> SceneSummary:
+                          cfg: PreprocessConfig, split: str | None = None,
+                          embeddings: CaptionEmbeddings | None = None) -> SceneSummary:
     """Like the per-scene functions, but a failure becomes a 'failed' summary (for Dask tasks)."""
     start = time.perf_counter()
     try:
-        return SCENE_FUNCTIONS[dataset](raw_dir, scene_id, store_path, cfg, split)
+        return SCENE_FUNCTIONS[dataset](raw_dir, scene_id, store_path, cfg, split, embeddings)
     except Exception as error:  # one bad scene must not stop the others
         log.error("%s failed: %s\n%s", scene_id, error, traceback.format_exc())
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -482,6 +510,8 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
     if cfg.frame_step < 1:
         raise InputError(f"--frame-step must be >= 1, got {cfg.frame_step}")
     listing = list_scannet_scenes(raw_dir) if dataset == "scannet" else list_s3dis_rooms(raw_dir)
+    if dataset == "scannet":  # a bad label TSV is one error here, not one per scene
+        read_label_tsv(raw_dir / "scannetv2-labels.combined.tsv")
     if scenes is not None:
         scenes = list(scenes)
         unknown = [s for s in scenes if s not in listing]
@@ -526,59 +556,6 @@ def prepare_store(dataset: str, raw_dir: Path, store_path: Path, cfg: Preprocess
     for action in recover_store(store):  # only what writers that are gone left behind
         log.warning("%s: %s", store_path, action)
     return listing, cfg
-
-
-def run_preprocess(dataset: str, raw_dir: Path, store_path: Path, cfg: PreprocessConfig,
-                   scenes: Iterable[str] | None = None, dask_address: str | None = None,
-                   workers: int | None = None, lock_wait_s: float = 0.0) -> list[SceneSummary]:
-    """Preprocess scenes with Dask, one task per scene; returns one summary per scene (in order).
-
-    ``dask_address``: an existing scheduler; otherwise a ``LocalCluster`` of ``workers`` single-
-    threaded processes (default: min(CPU count, scenes)). The run holds the store's writer lock;
-    another run's lock is waited for up to ``lock_wait_s`` seconds, then an InputError names it.
-    """
-    with store_lock(store_path, f"preprocess {dataset}", wait_s=lock_wait_s):
-        return _run_preprocess(dataset, raw_dir, store_path, cfg, scenes, dask_address, workers)
-
-
-def _run_preprocess(dataset: str, raw_dir: Path, store_path: Path, cfg: PreprocessConfig,
-                    scenes: Iterable[str] | None, dask_address: str | None,
-                    workers: int | None) -> list[SceneSummary]:
-    from dask.distributed import Client, LocalCluster, as_completed  # heavy: only the driver needs it
-
-    raw_dir, store_path = Path(raw_dir), Path(store_path)
-    listing, cfg = prepare_store(dataset, raw_dir, store_path, cfg, scenes)
-    ids = list(listing)
-    if dask_address:
-        cluster = None
-        client = Client(dask_address)
-    else:
-        n = max(1, min(workers or os.cpu_count() or 1, len(ids)))
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(cluster)
-    worker_cfg = PreprocessConfig(**{**cfg.__dict__, "show_progress": False}) if len(ids) > 1 else cfg
-    summaries: dict[str, SceneSummary] = {}
-    try:
-        futures = {client.submit(preprocess_scene_safe, dataset, raw_dir.resolve(), sid,
-                                 store_path.resolve(), worker_cfg, listing[sid], key=f"preprocess-{sid}",
-                                 pure=False): sid for sid in ids}
-        bar = tqdm(total=len(ids), desc=f"preprocess {dataset}", unit="scene",
-                   disable=not cfg.show_progress)
-        for future in as_completed(futures):
-            sid = futures[future]
-            try:
-                summary = future.result()
-            except Exception as error:  # e.g. KilledWorker: the worker process died
-                summary = SceneSummary(sid, "failed", error=f"{type(error).__name__}: {error}")
-            summaries[sid] = summary
-            bar.set_postfix_str(f"{sid}: {summary.status}")
-            bar.update(1)
-        bar.close()
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-    return [summaries[s] for s in ids]
 
 
 def format_summaries(summaries: list[SceneSummary]) -> str:

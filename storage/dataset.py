@@ -6,10 +6,17 @@ read time, so one store serves every benchmark of its dataset. Train mode draws 
 view per item (seeded by (seed, epoch, item), so runs are reproducible and DataLoader workers
 agree); eval mode has one item per (scene, valid view).
 
+A sample reads only what it needs: the view's slice of ``proj/*`` (65536-row chunks), the visible
+points' rows of ``points/*`` (orthogonal selection), one colour frame and one label image. Each
+process keeps every scene's lazy arrays and offsets open (metadata only), no scene data, so
+random access over thousands of scenes costs the same as over a few.
+
 Sample keys (numpy): ``scene_id, view_index, coord float32[N,3], color float32[N,3] in [-1,1],
 point_index int64[N], voxel_coord int32[V,3], voxel_feat float32[V,3], inverse int64[N],
 label int64[N] (0..T-1, 255), label_base int64[N] (0..C-1, 255), binary float32[N] (1/0/255),
-uv int64[N,2] (column, row), image uint8[3,H,W], caption float32[D], has_caption bool``; with
+uv int64[N,2] (column, row), image uint8[3,H,W], caption float32[D], has_caption bool``, and
+``label_2d uint8[H,W]`` (the view's 2D label image as base labels 0..C-1, 255 = novel/ignored/
+unannotated) when the scene has label images (``Scene.has_label_images``); with
 ``regions=True`` also the scene's region captions that survive in the view (storage.regions):
 ``region_clip float32[R,D]`` and ``region_point int64[M]`` / ``region_index int64[M]`` (a sample
 point index and the region it belongs to; a point may be in several regions). A region survives
@@ -19,8 +26,8 @@ part of a caption's point set that survives cropping); at most ``max_regions``, 
 
 from __future__ import annotations
 
-import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,7 @@ from torch.utils.data import Dataset
 
 from storage.benchmarks import Benchmark, get_benchmark
 from storage.errors import InputError
+from storage.objects import as_path
 from storage.store import Scene, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,7 @@ IGNORE = 255
 OFFICIAL_MIN_POINTS = 400  # a view is valid with min_points < visible points < max_points
 OFFICIAL_MAX_POINTS = 65000
 MAX_DRAWS = 64
+VOXEL_SHIFT = 100  # training augmentation: voxel coordinates += an integer in [0, 100) per axis
 
 
 def scene_labels(scene: Scene, benchmark: Benchmark) -> np.ndarray:
@@ -78,6 +87,63 @@ def random_rotate_scale(coord: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return (coord @ (rot * rng.uniform(0.9, 1.1)).T).astype(np.float32)
 
 
+def random_voxel_shift(voxel_coord: np.ndarray, rng: np.random.Generator,
+                       high: int = VOXEL_SHIFT) -> np.ndarray:
+    """The official training shift (``coords[:, 1:4] += (torch.rand(3) * 100)``): one random
+    integer offset in [0, high) per axis added to every voxel of the sample, so the grid's
+    alignment with the UNet's stride-2 levels changes from sample to sample."""
+    return (voxel_coord + rng.integers(0, high, size=3)).astype(np.int32)
+
+
+@dataclass
+class ViewRead:
+    """What a sample reads of one view's correspondences: visible points, their pixels and labels."""
+
+    point: np.ndarray  # int32 [M] point indices (ascending)
+    uv: np.ndarray  # uint16 [M,2] (column, row)
+    label: np.ndarray  # uint8 [M] benchmark labels 0..T-1, 255 = ignore
+
+
+@dataclass
+class SceneHandle:
+    """One scene opened for sampling: lazy arrays (reads touch only the chunks a view needs), the
+    CSR offsets of its correspondences, and the benchmark's raw-id field (points and label images)."""
+
+    arrays: dict[str, Any]
+    offsets: np.ndarray  # int64 [F+1]
+    num_points: int
+    benchmark: Benchmark
+    label_field: str | None  # frames/nyu40 | frames/category, None = no label images (splatting)
+
+    SAMPLE_ARRAYS = ("points/xyz", "points/rgb", "proj/point", "proj/uv", "frames/color", "captions/clip",
+                     "captions/text")
+
+    @classmethod
+    def open(cls, scene: Scene, benchmark: Benchmark) -> SceneHandle:
+        if benchmark.store_field not in scene:
+            raise InputError(f"{scene.path}: has no {benchmark.store_field} (needed by {benchmark.name})")
+        names = [*cls.SAMPLE_ARRAYS, benchmark.store_field]
+        field = benchmark.store_field.replace("points/", "frames/", 1)
+        label_field = field if scene.has_label_images and field in scene else None
+        if label_field:
+            names.append(label_field)
+        return cls({n: scene[n] for n in names}, scene["proj/offsets"][:], scene.num_points, benchmark,
+                   label_field)
+
+    def view(self, view: int) -> ViewRead:
+        """Frame ``view``'s visible points (one slice of proj/*) and their benchmark labels."""
+        lo, hi = int(self.offsets[view]), int(self.offsets[view + 1])
+        point = self.arrays["proj/point"][lo:hi]
+        raw = self.arrays[self.benchmark.store_field].oindex[point]
+        return ViewRead(point, self.arrays["proj/uv"][lo:hi], self.benchmark.map_raw(raw))
+
+    def label_image(self, view: int) -> np.ndarray | None:
+        """uint8 [H,W] benchmark labels of the view's 2D label image (255 = ignore), or None."""
+        if self.label_field is None:
+            return None
+        return self.benchmark.map_raw(self.arrays[self.label_field][view])
+
+
 class SceneViewDataset(Dataset):
     """Views of a store's scenes for one benchmark (see the module docstring for the sample)."""
 
@@ -89,7 +155,7 @@ class SceneViewDataset(Dataset):
                  max_regions: int = 32, min_region_points: int = 5) -> None:
         if mode not in ("train", "eval"):
             raise InputError(f"dataset mode must be 'train' or 'eval', got {mode!r}")
-        self.store_path = Path(store_path)
+        self.store_path = as_path(store_path)  # a local path or a bucket URL (storage.objects)
         self.benchmark = get_benchmark(benchmark)
         self.split, self.mode = split, mode
         self.voxel_size, self.loop, self.seed = float(voxel_size), int(loop), int(seed)
@@ -132,6 +198,7 @@ class SceneViewDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_store"] = None
+        state.pop("_handles", None)
         return state
 
     def set_epoch(self, epoch: int) -> None:
@@ -141,20 +208,13 @@ class SceneViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.scene_ids) * self.loop if self.mode == "train" else len(self.items)
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019 - bounded; the dataset lives as long as the loader
-    def _scene_arrays(self, scene_id: str) -> dict[str, Any]:
-        """Per-scene arrays read once (points, labels, correspondences, captions; tens of MB for a
-        real scene, 4 scenes cached per process) and the lazy colour frames."""
-        scene = self.store.scene(scene_id)
-        regions = scene.region_captions() if self.regions else None
-        return {"regions": regions, "xyz": scene["points/xyz"][:], "rgb": scene["points/rgb"][:],
-                "label": scene_labels(scene, self.benchmark), "offsets": scene["proj/offsets"][:],
-                "point": scene["proj/point"][:], "uv": scene["proj/uv"][:], "color": scene["frames/color"],
-                "clip": scene["captions/clip"][:], "text": scene["captions/text"][:]}
-
-    def _view(self, arrays: dict[str, Any], view: int) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = int(arrays["offsets"][view]), int(arrays["offsets"][view + 1])
-        return arrays["point"][lo:hi], arrays["uv"][lo:hi]
+    def _handle(self, scene_id: str) -> SceneHandle:
+        """The scene's lazy arrays and correspondence offsets, opened once per process (metadata
+        only: a few kB per scene, so every scene of a 1500-scene store stays open)."""
+        handles = self.__dict__.setdefault("_handles", {})
+        if scene_id not in handles:
+            handles[scene_id] = SceneHandle.open(self.store.scene(scene_id), self.benchmark)
+        return handles[scene_id]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self):
@@ -165,36 +225,46 @@ class SceneViewDataset(Dataset):
             return self._sample(scene_id, view, rng)
         scene_id = self.scene_ids[i % len(self.scene_ids)]
         valid = self.valid_views[scene_id]
-        arrays = self._scene_arrays(scene_id)
+        handle = self._handle(scene_id)
         for _ in range(MAX_DRAWS):
             view = int(rng.choice(valid))
-            point, _ = self._view(arrays, view)
-            if int((arrays["label"][point] != IGNORE).sum()) > self.min_labelled:
+            read = handle.view(view)
+            if int((read.label != IGNORE).sum()) > self.min_labelled:
                 break
-        return self._sample(scene_id, view, rng)
+        return self._sample(scene_id, view, rng, read)
 
-    def _sample(self, scene_id: str, view: int, rng: np.random.Generator) -> dict[str, Any]:
-        arrays = self._scene_arrays(scene_id)
-        point, uv = self._view(arrays, view)
-        point = point.astype(np.int64)
-        coord = arrays["xyz"][point]
-        color = arrays["rgb"][point].astype(np.float32) / 127.5 - 1.0
+    def _sample(self, scene_id: str, view: int, rng: np.random.Generator,
+                read: ViewRead | None = None) -> dict[str, Any]:
+        handle = self._handle(scene_id)
+        read = read or handle.view(view)
+        point, uv = read.point.astype(np.int64), read.uv
+        coord = handle.arrays["points/xyz"].oindex[read.point]
+        color = handle.arrays["points/rgb"].oindex[read.point].astype(np.float32) / 127.5 - 1.0
         vox_in = random_rotate_scale(coord, rng) if self.augment else coord
         voxel_coord, first, inverse = voxelize(vox_in, self.voxel_size)
-        label = arrays["label"][point]
-        image = arrays["color"][view]
+        if self.augment and self.mode == "train":
+            voxel_coord = random_voxel_shift(voxel_coord, rng)
+        label = read.label
+        image = handle.arrays["frames/color"][view]
+        label_2d = handle.label_image(view)
         uv = uv.astype(np.int64)
         H, W = image.shape[:2]
         if (W, H) != self.image_size:
 
             image = np.asarray(Image.fromarray(image).resize(self.image_size, Image.BILINEAR))
+            if label_2d is not None:
+                label_2d = np.asarray(Image.fromarray(label_2d).resize(self.image_size, Image.NEAREST))
             sx, sy = self.image_size[0] / W, self.image_size[1] / H
             uv = np.stack([np.minimum(((uv[:, 0] + 0.5) * sx).astype(np.int64), self.image_size[0] - 1),
                            np.minimum(((uv[:, 1] + 0.5) * sy).astype(np.int64), self.image_size[1] - 1)], 1)
-        caption = arrays["clip"][view].astype(np.float32)
-        has_caption = bool(str(arrays["text"][view]).strip()) and caption.size > 0
-        regions = self._regions(arrays["regions"], point, len(arrays["xyz"]), rng) if self.regions else {}
-        return {**regions,
+        caption = handle.arrays["captions/clip"][view].astype(np.float32)
+        has_caption = bool(str(handle.arrays["captions/text"][view]).strip()) and caption.size > 0
+        regions = {}
+        if self.regions:
+            regions = self._regions(self.store.scene(scene_id).region_captions(), read.point,
+                                    handle.num_points, rng)
+        base_2d = {} if label_2d is None else {"label_2d": self.benchmark.to_base(label_2d)}
+        return {**regions, **base_2d,
             "scene_id": scene_id,
             "view_index": view,
             "coord": coord.astype(np.float32),
@@ -211,7 +281,6 @@ class SceneViewDataset(Dataset):
             "caption": caption,
             "has_caption": has_caption,
         }
-
 
     def _regions(self, regions: Any, point: np.ndarray, num_points: int, rng: np.random.Generator
                  ) -> dict[str, np.ndarray]:
@@ -234,7 +303,8 @@ class SceneViewDataset(Dataset):
 
 def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch samples for spconv: points concatenated with ``offset`` (cumulative counts),
-    ``voxel_coord`` int32[ΣV,4] = (batch, x, y, z), ``inverse`` shifted into the concatenation."""
+    ``voxel_coord`` int32[ΣV,4] = (batch, x, y, z), ``inverse`` shifted into the concatenation;
+    ``label_2d`` uint8[B,H,W] with ``has_label_2d`` bool[B] (255 everywhere for a view without)."""
     n_points = np.array([len(s["coord"]) for s in samples], np.int64)
     n_voxels = np.array([len(s["voxel_coord"]) for s in samples], np.int64)
     voxel_start = np.concatenate([[0], np.cumsum(n_voxels)[:-1]])
@@ -257,6 +327,8 @@ def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
     voxel_coord = np.concatenate([
         np.concatenate([np.full((len(s["voxel_coord"]), 1), b, np.int32), s["voxel_coord"]], axis=1)
         for b, s in enumerate(samples)])
+    image_hw = samples[0]["image"].shape[1:]
+    label_2d = np.stack([s.get("label_2d", np.full(image_hw, IGNORE, np.uint8)) for s in samples])
     return {
         "scene_id": [s["scene_id"] for s in samples],
         "view_index": torch.tensor([s["view_index"] for s in samples], dtype=torch.int64),
@@ -276,5 +348,7 @@ def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "image": torch.from_numpy(np.stack([s["image"] for s in samples])),
         "caption": torch.from_numpy(np.stack([s["caption"] for s in samples])),
         "has_caption": torch.tensor([s["has_caption"] for s in samples]),
+        "label_2d": torch.from_numpy(label_2d),
+        "has_label_2d": torch.tensor(["label_2d" in s for s in samples]),
         **regions,
     }

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.errors import InputError
+from storage.objects import AnyPath, ObjectPath, as_path
 
 HEARTBEAT_S = 10.0  # how often an owner refreshes its heartbeat
 STALE_AFTER_S = 120.0  # a lease of another host whose heartbeat is older than this is stale
@@ -60,8 +61,11 @@ class Owner:
         return f"pid {self.pid} on {self.host} ({self.purpose}) since {since}, heartbeat {age:.0f} s ago"
 
 
-def put_bytes(path: Path, data: bytes) -> None:
+def put_bytes(path: AnyPath, data: bytes) -> None:
     """Replace ``path`` with ``data`` in one step (a whole-object PUT; locally temp file + replace)."""
+    if isinstance(path, ObjectPath):
+        path.write_bytes(data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     try:
@@ -74,11 +78,14 @@ def put_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def create_exclusive(path: Path, data: bytes) -> bool:
+def create_exclusive(path: AnyPath, data: bytes) -> bool:
     """Create ``path`` holding ``data`` if no such object exists; -> False when it exists.
 
-    The object appears complete or not at all (a temporary file linked into place).
+    The object appears complete or not at all (a temporary file linked into place; in a bucket a
+    conditional PUT).
     """
+    if isinstance(path, ObjectPath):
+        return path.create(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     try:
@@ -127,10 +134,10 @@ def owner_alive(owner: Owner, stale_after: float = STALE_AFTER_S) -> bool:
     return not (owner.pid_start is not None and start is not None and start != owner.pid_start)
 
 
-def read_owner(path: Path) -> Owner | None:
+def read_owner(path: AnyPath) -> Owner | None:
     """The owner recorded in a lease object; None when there is none. Unreadable -> ValueError."""
     try:
-        data = json.loads(Path(path).read_bytes())
+        data = json.loads(as_path(path).read_bytes())
         return Owner(**{k: data[k] for k in Owner.__dataclass_fields__})
     except FileNotFoundError:
         return None
@@ -149,9 +156,9 @@ class Lease:
     the lease gone or owned by another token, ``lost`` becomes True and ``check`` raises.
     """
 
-    def __init__(self, path: Path, purpose: str, *, heartbeat_s: float = HEARTBEAT_S,
+    def __init__(self, path: AnyPath, purpose: str, *, heartbeat_s: float = HEARTBEAT_S,
                  stale_after: float = STALE_AFTER_S) -> None:
-        self.path = Path(path)
+        self.path = as_path(path)
         self.purpose = purpose
         self.heartbeat_s = heartbeat_s
         self.stale_after = stale_after
@@ -232,7 +239,7 @@ class Lease:
     # -- internals -----------------------------------------------------------------------------
 
     @staticmethod
-    def _mtime(path: Path) -> float:
+    def _mtime(path: AnyPath) -> float:
         try:
             return path.stat().st_mtime
         except OSError:

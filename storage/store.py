@@ -1,4 +1,4 @@
-"""Open, create and write the Zarr v3 store (schema v1, see ``storage.schema``); the protocol is
+"""Open, create and write the Zarr v3 store (schema v2, see ``storage.schema``); the protocol is
 in docs/store.md.
 
 The commit protocol needs no directory rename (object storage has none). A scene is complete
@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,11 +29,14 @@ import zarr
 
 from storage.errors import InputError
 from storage.lease import STALE_AFTER_S, Lease, LeaseHeldError, LeaseLostError, put_bytes
+from storage.objects import AnyPath, as_path, is_object_path, link_or_copy, listdir, open_group, remove_tree
 from storage.regions import RegionCaptions
 from storage.schema import (
     ARRAYS,
     DEPTH_SCALE,
     FRAME_SHARD,
+    LABEL_IMAGE_ARRAYS,
+    SCHEMA_CHANGES,
     SCHEMA_VERSION,
     check_dtype,
     create_array,
@@ -57,7 +57,7 @@ class StoreWriteError(RuntimeError):
     """Writing a scene failed (e.g. disk full); the partial scene was removed."""
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: AnyPath) -> dict[str, Any] | None:
     """A JSON object file; None when missing or unreadable (a scene being written)."""
     try:
         data = json.loads(path.read_bytes())
@@ -66,7 +66,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _read_root_meta(path: Path) -> dict[str, Any] | None:
+def _read_root_meta(path: AnyPath) -> dict[str, Any] | None:
     meta = path / "zarr.json"
     if not meta.is_file():
         return None
@@ -76,13 +76,17 @@ def _read_root_meta(path: Path) -> dict[str, Any] | None:
         raise InputError(f"{meta}: unreadable store metadata ({error})") from error
 
 
-def _check_root(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def _check_root(path: AnyPath, meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get("node_type") != "group" or meta.get("zarr_format") != 3:
         raise InputError(f"{path}: not a Zarr v3 group")
     attrs = meta.get("attributes", {})
     version = attrs.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise InputError(f"{path}: store schema version {version}, this code reads version {SCHEMA_VERSION}")
+        changes = "; ".join(SCHEMA_CHANGES[v] for v in sorted(SCHEMA_CHANGES)
+                            if isinstance(version, int) and version < v <= SCHEMA_VERSION)
+        hint = f" ({changes}); preprocess the raw data again into a new store" if changes else ""
+        raise InputError(f"{path}: store schema version {version}, this code reads version "
+                         f"{SCHEMA_VERSION}{hint}")
     return attrs
 
 
@@ -95,20 +99,20 @@ def _normalize(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
-def _scene_attrs(scene_dir: Path) -> dict[str, Any] | None:
+def _scene_attrs(scene_dir: AnyPath) -> dict[str, Any] | None:
     meta = _read_json(scene_dir / "zarr.json")
     return None if meta is None else meta.get("attributes", {})
 
 
-def _complete(scene_dir: Path) -> bool:
+def _complete(scene_dir: AnyPath) -> bool:
     return bool((_scene_attrs(scene_dir) or {}).get("complete"))
 
 
-def _remove_tree(path: Path) -> None:
+def _remove_tree(path: AnyPath) -> None:
     """Delete a scene group, its ``zarr.json`` first (a half-deleted group never looks complete)."""
     if path.is_dir():
         (path / "zarr.json").unlink(missing_ok=True)
-        shutil.rmtree(path)
+        remove_tree(path)
     elif path.exists():
         path.unlink()
 
@@ -135,7 +139,7 @@ def _leftover_scene(name: str) -> str | None:
 class Scene:
     """One complete scene of a store; arrays are lazy zarr arrays (``scene['points/xyz']``)."""
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
+    def __init__(self, path: AnyPath, group: zarr.Group) -> None:
         self.path = path
         self.group = group
         self.id = path.name
@@ -143,7 +147,7 @@ class Scene:
 
     def __getitem__(self, name: str) -> zarr.Array:
         if name not in ARRAYS:
-            raise KeyError(f"{name} is not in schema v1")
+            raise KeyError(f"{name} is not in schema v{SCHEMA_VERSION}")
         return self.group[name]
 
     def __contains__(self, name: str) -> bool:
@@ -163,6 +167,11 @@ class Scene:
             raise IndexError(f"{self.id}: frame {i} out of range 0..{self.num_frames - 1}")
         lo, hi = (int(x) for x in self.group["proj/offsets"][i:i + 2])
         return self.group["proj/point"][lo:hi], self.group["proj/uv"][lo:hi]
+
+    @property
+    def has_label_images(self) -> bool:
+        """True when the scene holds 2D label images (``frames/nyu40``, ``frames/category``)."""
+        return self.attrs.get("label_images") is not None
 
     @property
     def has_region_captions(self) -> bool:
@@ -187,16 +196,16 @@ class Scene:
 class Store:
     """A store opened for reading (and, for preprocessing, for adding scenes)."""
 
-    def __init__(self, path: Path, attrs: dict[str, Any], writable: bool) -> None:
+    def __init__(self, path: AnyPath, attrs: dict[str, Any], writable: bool) -> None:
         self.path = path
         self.attrs = attrs
         self.writable = writable
 
     @property
-    def scenes_dir(self) -> Path:
+    def scenes_dir(self) -> AnyPath:
         return self.path / "scenes"
 
-    def claim_path(self, scene_id: str) -> Path:
+    def claim_path(self, scene_id: str) -> AnyPath:
         return self.scenes_dir / f"{CLAIM_PREFIX}{scene_id}"
 
     def is_complete(self, scene_id: str) -> bool:
@@ -239,7 +248,7 @@ class Store:
         if not self.scenes_dir.is_dir():
             return []
         ids = []
-        for name in sorted(os.listdir(self.scenes_dir)):
+        for name in sorted(listdir(self.scenes_dir)):
             if name.startswith(".") or name == "zarr.json":
                 continue
             attrs = _scene_attrs(self.scenes_dir / name) or {}
@@ -251,7 +260,7 @@ class Store:
         if not self.is_complete(scene_id):
             raise InputError(f"{self.path}: no complete scene {scene_id!r}")
         path = self.scenes_dir / scene_id
-        return Scene(path, zarr.open_group(str(path), mode="r"))
+        return Scene(path, open_group(path, mode="r"))
 
     @contextlib.contextmanager
     def claim(self, scene_id: str, purpose: str) -> Iterator[Lease]:
@@ -280,7 +289,7 @@ class Store:
             if regions.clip.shape[1] != int(self.attrs.get("text_dim") or 0):
                 raise InputError(f"{self.path}: region embeddings are {regions.clip.shape[1]}-d, the "
                                  f"store's text space is {self.attrs.get('text_dim')}-d")
-            group = zarr.open_group(str(scene.path), mode="r+")
+            group = open_group(scene.path, mode="r+")
             attrs = dict(group.attrs)
             attrs.pop("region_captions", None)
             group.attrs.put(attrs)  # invalidate first: never an old attr over new arrays
@@ -328,7 +337,7 @@ class Store:
             done.append(f"removed unfinished scene {scene_id}")
         return done
 
-    def _swap_in(self, scene_id: str, source: Path) -> None:
+    def _swap_in(self, scene_id: str, source: AnyPath) -> None:
         """Replace ``scenes/<id>`` by the complete group ``source``; safe to redo after a crash.
 
         The old copy is invalidated (marker removed) and emptied, the files of ``source`` are
@@ -346,14 +355,12 @@ class Store:
                 _remove_tree(child)
         for src in sorted(source.rglob("*")):
             rel = src.relative_to(source)
-            if src.is_dir() or str(rel) == "zarr.json" or src.name.endswith(PARTIAL_SUFFIX):
+            if str(rel) == "zarr.json" or src.name.endswith(PARTIAL_SUFFIX) or \
+                    (not is_object_path(src) and src.is_dir()):  # rglob lists objects only in a bucket
                 continue
             dst = final / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, dst)
-            except OSError:  # no hard links on this file system: copy the bytes
-                shutil.copyfile(src, dst)
+            link_or_copy(src, dst)
         put_bytes(final / "zarr.json", meta)
         _remove_tree(source)
 
@@ -363,10 +370,10 @@ def _check_scene_id(scene_id: str) -> None:
         raise InputError(f"invalid scene id {scene_id!r}")
 
 
-def _only_create_leftovers(path: Path) -> bool:
+def _only_create_leftovers(path: AnyPath) -> bool:
     """True when ``path`` holds nothing but what ``create_store`` and ``store_lock`` write."""
-    def names(d: Path) -> set[str]:
-        return {n for n in os.listdir(d) if not n.endswith(PARTIAL_SUFFIX)}
+    def names(d: AnyPath) -> set[str]:
+        return {n for n in listdir(d) if not n.endswith(PARTIAL_SUFFIX)}
 
     top = names(path) - {LOCK_NAME, LOCK_NAME + ".break"}
     if not top <= {"zarr.json", "scenes"}:
@@ -375,7 +382,7 @@ def _only_create_leftovers(path: Path) -> bool:
     return not scenes.exists() or (scenes.is_dir() and names(scenes) <= {"zarr.json"})
 
 
-def _root_state(path: Path) -> str:
+def _root_state(path: AnyPath) -> str:
     """What is at a store path: ``missing`` (nothing, or an empty directory), ``partial`` (left by
     a killed ``create_store``: no complete root metadata, nothing else) or ``store``.
 
@@ -384,7 +391,7 @@ def _root_state(path: Path) -> str:
     """
     if path.is_file():
         raise InputError(f"{path}: is a file, not a Zarr store directory")
-    if not path.is_dir() or not any(not n.endswith(PARTIAL_SUFFIX) for n in os.listdir(path)):
+    if not path.is_dir() or not any(not n.endswith(PARTIAL_SUFFIX) for n in listdir(path)):
         return MISSING
     leftovers = _only_create_leftovers(path)
     if (path / "zarr.json").is_file():
@@ -398,13 +405,13 @@ def _root_state(path: Path) -> str:
         raise InputError(f"{path}/zarr.json: store metadata unreadable or without schema_version, and the "
                          "directory holds more than an interrupted create leaves; not touching it")
     if leftovers:
-        return "partial" if set(os.listdir(path)) - {LOCK_NAME, LOCK_NAME + ".break"} else MISSING
+        return "partial" if set(listdir(path)) - {LOCK_NAME, LOCK_NAME + ".break"} else MISSING
     raise InputError(f"{path}: directory exists and is not a Zarr store; refusing to write into it")
 
 
-def open_store(path: str | Path, mode: str = "r") -> Store:
+def open_store(path: str | AnyPath, mode: str = "r") -> Store:
     """Open an existing store; ``mode='r+'`` to add scenes. Refuses other schema versions."""
-    path = Path(path)
+    path = as_path(path)
     if path.is_file():
         raise InputError(f"{path}: is a file, not a Zarr store directory")
     if path.is_dir() and _only_create_leftovers(path) and \
@@ -420,7 +427,7 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
     return Store(path, attrs, writable=mode != "r")
 
 
-def create_store(path: str | Path, dataset: str, text_encoder: str | None, text_dim: int) -> Store:
+def create_store(path: str | AnyPath, dataset: str, text_encoder: str | None, text_dim: int) -> Store:
     """Create a store, or open an existing compatible one for adding scenes.
 
     The root metadata is written complete in one write, after ``scenes/``: a killed create leaves
@@ -428,7 +435,7 @@ def create_store(path: str | Path, dataset: str, text_encoder: str | None, text_
     directory that is not a store, a store of another schema version, and a store of another
     dataset or text encoder (its embeddings would not match).
     """
-    path = Path(path)
+    path = as_path(path)
     state = _root_state(path)
     if state == "store":
         attrs = _check_root(path, _read_root_meta(path) or {})
@@ -444,7 +451,7 @@ def create_store(path: str | Path, dataset: str, text_encoder: str | None, text_
              "text_encoder": text_encoder, "text_dim": int(text_dim)}
     try:
         for folder in (path, path / "scenes"):  # temporaries of the killed create
-            for name in os.listdir(folder) if folder.is_dir() else []:
+            for name in listdir(folder) if folder.is_dir() else []:
                 if name.endswith(PARTIAL_SUFFIX):
                     (folder / name).unlink(missing_ok=True)
         put_bytes(path / "scenes" / "zarr.json", _group_meta({}))
@@ -455,7 +462,7 @@ def create_store(path: str | Path, dataset: str, text_encoder: str | None, text_
 
 
 @contextlib.contextmanager
-def store_lock(path: str | Path, purpose: str, wait_s: float = 0.0) -> Iterator[Lease]:
+def store_lock(path: str | AnyPath, purpose: str, wait_s: float = 0.0) -> Iterator[Lease]:
     """Hold the store's writer lock (``<store>/.writer.lock``) for a run that writes scenes.
 
     A second run waits up to ``wait_s`` seconds, then fails with ``LeaseHeldError`` (an
@@ -463,7 +470,7 @@ def store_lock(path: str | Path, purpose: str, wait_s: float = 0.0) -> Iterator[
     whose owner is gone is taken over. The path is checked first (no lock is put into a file's
     place or a foreign directory); a directory made only for the lock is removed again.
     """
-    path = Path(path)
+    path = as_path(path)
     made = _root_state(path) == MISSING and not path.exists()
     lease = Lease(path / LOCK_NAME, purpose)
     try:
@@ -495,7 +502,7 @@ def recover_store(store: Store, stale_partial_s: float = STALE_AFTER_S) -> list[
         return done
     ids: set[str] = set()
     now = time.time()
-    for name in os.listdir(store.scenes_dir):
+    for name in listdir(store.scenes_dir):
         path = store.scenes_dir / name
         if name.endswith(PARTIAL_SUFFIX):
             with contextlib.suppress(OSError):
@@ -578,7 +585,7 @@ class SceneWriter:
             self.replacing = _complete(self.final)
             if self.replacing:
                 self.target = self.store.scenes_dir / f"{NEW_PREFIX}{self.scene_id}"
-            self.group = zarr.open_group(str(self.target), mode="w")
+            self.group = open_group(self.target, mode="w")
         except OSError as error:
             self.claim.release()
             raise StoreWriteError(f"{self.target}: cannot start writing scene {self.scene_id} ({error})") \
@@ -608,26 +615,35 @@ class SceneWriter:
         write_region_arrays(self.group, regions)
         self._region_source = {**source, "count": len(regions)}
 
-
-    def begin_frames(self, max_frames: int, size: tuple[int, int]) -> None:
-        """Create frames/color and frames/depth for up to ``max_frames`` frames of ``size`` (W, H)."""
+    def begin_frames(self, max_frames: int, size: tuple[int, int], label_images: bool = False) -> None:
+        """Create frames/color and frames/depth (and with ``label_images`` frames/nyu40 and
+        frames/category) for up to ``max_frames`` frames of ``size`` (W, H)."""
         W, H = size
         shard = max(1, min(FRAME_SHARD, max_frames))
+        names = ("frames/color", "frames/depth", *(LABEL_IMAGE_ARRAYS if label_images else ()))
         self._frames = {
-            "color": create_array(self.group, "frames/color", max_frames, H=H, W=W, shard_frames=shard),
-            "depth": create_array(self.group, "frames/depth", max_frames, H=H, W=W, shard_frames=shard),
+            "arrays": {n: create_array(self.group, n, max_frames, H=H, W=W, shard_frames=shard)
+                       for n in names},
             "shard": shard, "count": 0, "written": 0, "buffer": [], "size": (W, H),
         }
-        self._frames["depth"].attrs["depth_scale"] = DEPTH_SCALE
+        self._frames["arrays"]["frames/depth"].attrs["depth_scale"] = DEPTH_SCALE
 
-    def add_frame(self, color: np.ndarray, depth_mm: np.ndarray) -> None:
-        """Append one frame: color uint8 [H,W,3], depth uint16 [H,W] millimetres."""
+    def add_frame(self, color: np.ndarray, depth_mm: np.ndarray,
+                  labels: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Append one frame: color uint8 [H,W,3], depth uint16 [H,W] millimetres and, when the
+        frames were begun with label images, ``labels`` = (nyu40 uint8 [H,W], category uint16 [H,W])."""
         state = self._frames
-        check_dtype("frames/color", color)
-        check_dtype("frames/depth", depth_mm)
-        if state["count"] >= state["color"].shape[0]:
-            raise ValueError(f"{self.scene_id}: more frames than announced ({state['color'].shape[0]})")
-        state["buffer"].append((color, depth_mm))
+        arrays = state["arrays"]
+        images = {"frames/color": color, "frames/depth": depth_mm,
+                  **dict(zip(LABEL_IMAGE_ARRAYS, labels or (), strict=False))}
+        if set(images) != set(arrays):
+            raise ValueError(f"{self.scene_id}: frame arrays {sorted(images)}, begun with {sorted(arrays)}")
+        for name, image in images.items():
+            check_dtype(name, image)
+        if state["count"] >= arrays["frames/color"].shape[0]:
+            raise ValueError(f"{self.scene_id}: more frames than announced "
+                             f"({arrays['frames/color'].shape[0]})")
+        state["buffer"].append(images)
         state["count"] += 1
         if len(state["buffer"]) == state["shard"]:
             self._flush_frames()
@@ -638,8 +654,8 @@ class SceneWriter:
             return
         lo = state["written"]
         hi = lo + len(state["buffer"])
-        state["color"][lo:hi] = np.stack([c for c, _ in state["buffer"]])
-        state["depth"][lo:hi] = np.stack([d for _, d in state["buffer"]])
+        for name, array in state["arrays"].items():
+            array[lo:hi] = np.stack([images[name] for images in state["buffer"]])
         state["written"] = hi
         state["buffer"] = []
 
@@ -648,13 +664,12 @@ class SceneWriter:
         state = self._frames
         self._flush_frames()
         n = state["count"]
-        W, H = state["size"]
-        if state["color"].shape[0] != n:
-            state["color"].resize((n, H, W, 3))
-            state["depth"].resize((n, H, W))
+        for array in state["arrays"].values():
+            if array.shape[0] != n:
+                array.resize((n, *array.shape[1:]))
         return n
 
-    def commit(self, attrs: dict[str, Any]) -> Path:
+    def commit(self, attrs: dict[str, Any]) -> AnyPath:
         """Record the attrs with the fingerprint and the completion marker (one write, after every
         array); when replacing, swap the new copy in. Fails if the claim was lost meanwhile."""
         try:

@@ -14,4 +14,5 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tests.fixtures_data import *  # noqa: E402,F401,F403
+from tests.fixtures_s3 import *  # noqa: E402,F401,F403
 from tests.fixtures_store import *  # noqa: E402,F401,F403

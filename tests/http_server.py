@@ -7,21 +7,37 @@ and can misbehave on purpose:
   the body, then closes the connection (a resumable client must resume with Range);
 - ``status={"scans/x/y.ply": 403}``: answer that path with the given status;
 - ``truncate={"a.txt": 10}``: announce the full size but never send more than 10 bytes of it;
-- ``log``: a list that receives ``(path, range_header_or_None)`` per GET.
+- ``html``: answer every path (found or not) with 200 and one HTML page, like a login or error
+  portal; ``html_type``: the Content-Type sent with it (``text/html`` by default; a misconfigured
+  server may call it ``application/octet-stream``);
+- ``headers={"a.txt": {"Repr-Digest": ...}}``: extra response headers for a path (checksums);
+- ``log``: a list that receives ``(path, range_header_or_None)`` per GET (``("HEAD " + path, None)``
+  per HEAD).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import threading
 import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>"
+             b"<body><form>Please sign in to continue.</form></body></html>\n")
+
+
+def sha256_header(data: bytes) -> dict[str, str]:
+    """A ``Repr-Digest`` header (RFC 9530) announcing the SHA-256 of ``data``."""
+    return {"Repr-Digest": "sha-256=:" + base64.b64encode(hashlib.sha256(data).digest()).decode() + ":"}
+
 
 def _handler(root: Path, drop_once: bool, status: dict[str, int], truncate: dict[str, int],
-             log: list | None) -> type[BaseHTTPRequestHandler]:
+             log: list | None, html: bool, html_type: str, headers: dict[str, dict[str, str]]
+             ) -> type[BaseHTTPRequestHandler]:
     dropped: set[str] = set()
     lock = threading.Lock()
 
@@ -51,8 +67,16 @@ def _handler(root: Path, drop_once: bool, status: dict[str, int], truncate: dict
 
         def _serve(self, body: bool) -> None:
             rel, path = self._resolve()
-            if body and log is not None:
-                log.append((rel, self.headers.get("Range")))
+            if log is not None:
+                log.append((rel, self.headers.get("Range")) if body else ("HEAD " + rel, None))
+            if html:
+                self.send_response(200)
+                self.send_header("Content-Type", html_type)
+                self.send_header("Content-Length", str(len(HTML_PAGE)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(HTML_PAGE)
+                return None
             if rel in status:
                 return self._error(status[rel])
             if path is None:
@@ -75,6 +99,9 @@ def _handler(root: Path, drop_once: bool, status: dict[str, int], truncate: dict
                 self.send_response(200)
             self.send_header("Content-Length", str(size - start))
             self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Type", "application/octet-stream")
+            for key, value in headers.get(rel, {}).items():
+                self.send_header(key, value)
             self.end_headers()
             if not body:
                 return
@@ -96,9 +123,12 @@ def _handler(root: Path, drop_once: bool, status: dict[str, int], truncate: dict
 
 @contextlib.contextmanager
 def serve_directory(root: Path, drop_once: bool = False, status: dict[str, int] | None = None,
-                    truncate: dict[str, int] | None = None, log: list | None = None) -> Iterator[str]:
+                    truncate: dict[str, int] | None = None, log: list | None = None, html: bool = False,
+                    html_type: str = "text/html; charset=utf-8",
+                    headers: dict[str, dict[str, str]] | None = None) -> Iterator[str]:
     """Serve ``root`` over HTTP on 127.0.0.1:<free port>; yields the base URL (no trailing /)."""
-    handler = _handler(Path(root).resolve(), drop_once, status or {}, truncate or {}, log)
+    handler = _handler(Path(root).resolve(), drop_once, status or {}, truncate or {}, log, html, html_type,
+                       headers or {})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="serve_directory", daemon=True)

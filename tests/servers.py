@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -59,3 +60,38 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
+    """A real S3-compatible server (moto's server mode) on a free port of 127.0.0.1, healthy.
+
+    Returns the process (stop it with ``stop``) and its endpoint URL; the server keeps its
+    buckets in memory, so stopping it deletes everything.
+    """
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(f"{endpoint}/moto-api/", proc, log, timeout=60)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, endpoint
+
+
+def s3_environment(endpoint: str, home: Path) -> dict[str, str]:
+    """Environment variables that point every AWS SDK (boto3, s3fs, obstore) at ``endpoint``.
+
+    Fixed test credentials (moto accepts any); the user's ~/.aws files are hidden.
+    """
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "xmask3d-test-key",
+        "AWS_SECRET_ACCESS_KEY": "xmask3d-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(home / "aws-config-absent"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials-absent"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }

@@ -9,14 +9,19 @@ import pytest
 from storage.benchmarks import BENCHMARK_NAMES, IGNORE, get_benchmark
 from storage.errors import InputError
 
-SHARED_JSON = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "benchmarks.json"
+OFFICIAL_JSON = Path(__file__).resolve().parent / "data" / "benchmarks_official.json"  # tests/data/README.md
 
 
-def test_packaged_json_matches_the_shared_definitions():
-    packaged = Path(__file__).resolve().parents[1] / "storage" / "data" / "benchmarks.json"
-    if not SHARED_JSON.exists():
-        pytest.skip("shared benchmark definitions not present on this machine")
-    assert json.loads(packaged.read_text()) == json.loads(SHARED_JSON.read_text())
+def test_packaged_definitions_match_the_official_ones():
+    official = json.loads(OFFICIAL_JSON.read_text(encoding="utf-8"))
+    assert set(official) == set(BENCHMARK_NAMES)
+    for name, entry in official.items():
+        b = get_benchmark(name)
+        assert list(b.class_names) == entry["class_names"], name
+        assert list(b.source_ids) == entry["source_ids"] and b.source_id_kind == entry["source_id_kind"], name
+        assert b.dataset == entry["dataset"], name
+        assert sorted(b.base) == sorted(entry["base"]) and sorted(b.novel) == sorted(entry["novel"]), name
+        assert set(b.base) | set(b.novel) == set(entry["class_names"]), name
 
 
 @pytest.mark.parametrize("name", BENCHMARK_NAMES)

@@ -45,5 +45,7 @@ def test_embed_captions_zero_rows_for_missing_and_batches_agree():
     assert out.dtype == np.float16 and out.shape == (5, 64)
     assert not out[1].any() and not out[4].any()
     whole = embed_captions(texts, enc, batch_size=64)
-    np.testing.assert_array_equal(out, whole)
+    assert not whole[1].any() and not whole[4].any()  # exact: a missing caption is a zero row
+    # other batch sizes may round differently (BLAS paths), then float16: agree to its precision
+    np.testing.assert_allclose(out.astype(np.float32), whole.astype(np.float32), rtol=0, atol=2e-3)
     np.testing.assert_allclose(out[0], enc.encode(["a chair"])[0].numpy(), atol=2e-3)

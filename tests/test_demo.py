@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from flows.demo import LEARNING_MARGIN
-
 REPO = Path(__file__).resolve().parents[1]
 XMASK3D = str(Path(sys.executable).with_name("xmask3d"))
+# The test's own bar, not the demo's setting: the fused head's base mIoU must be at least twice the
+# majority-class baseline's (predicting the most frequent training class everywhere). Lowering the
+# demo's LEARNING_MARGIN does not lower this one.
+MARGIN = 2.0
 
 
 @pytest.mark.slow
@@ -33,7 +35,7 @@ def test_demo_learns_and_is_tracked(tmp_path):
     fused = re.search(r"^fused\s+([\d.]+)", text, re.M)
     baseline = re.search(r"^majority-class baseline\s+([\d.]+)", text, re.M)
     assert fused and baseline, text
-    assert float(fused.group(1)) >= LEARNING_MARGIN * float(baseline.group(1))
+    assert float(fused.group(1)) >= MARGIN * float(baseline.group(1))
     run_id = re.search(r"MLflow run: (\w+)", text).group(1)
     ui = re.search(r"open the MLflow UI:\s+(mlflow ui --backend-store-uri (\S+))", text)
     assert ui, text
@@ -43,7 +45,7 @@ def test_demo_learns_and_is_tracked(tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    assert metrics["eval/fused/miou_base"] >= LEARNING_MARGIN * metrics["eval/baseline/miou_base"]
+    assert metrics["eval/fused/miou_base"] >= MARGIN * metrics["eval/baseline/miou_base"]
     assert metrics["eval/3d/miou_novel"] > 0.0
     assert run.data.params["model.caption_supervision"] == "region"
     assert {a.path for a in client.list_artifacts(run_id, "evaluation")} >= {

@@ -98,15 +98,25 @@ def test_evaluation_artifacts(tmp_path):
 class _Run:
     """Stands in for tracking.RunTracker: records what log_evaluation logs."""
 
+    run_id = "0123abcd"
+
     def __init__(self) -> None:
         self.metrics: dict[str, float] = {}
         self.artifacts: list[str] = []
+        self.tags: dict[str, str] = {}
+        self.metrics_json: dict = {}
 
     def log_metrics(self, metrics, step):
         self.metrics.update(metrics)
 
     def log_artifacts(self, path, artifact_path=None):
+        import json
+
         self.artifacts.extend(sorted(p.name for p in path.iterdir()))
+        self.metrics_json = json.loads((path / "metrics.json").read_text())
+
+    def set_tags(self, tags):
+        self.tags.update({k: str(v) for k, v in tags.items()})
 
 
 def test_evaluation_reports_boundary_iou(synthetic_store, monkeypatch):
@@ -151,8 +161,31 @@ def test_evaluation_reports_boundary_iou(synthetic_store, monkeypatch):
     log_evaluation(run, evaluation, step=3)
     logged = {f"eval/{h}/boundary_{k}" for h in HEADS for k in ("miou_base", "miou_novel", "hiou")}
     assert logged <= set(run.metrics)
-    assert run.metrics["eval/fused/boundary_miou_base"] == 1.0
+    # scores are logged in percent (as the table), fractions stay in Evaluation.metrics
+    assert run.metrics["eval/fused/boundary_miou_base"] == pytest.approx(100.0)
+    assert run.metrics["eval/3d/miou_all"] == pytest.approx(100 * m["3d/miou_all"])
+    assert run.metrics["eval/boundary/points"] == pytest.approx(100 * m["boundary/points"])
+    assert run.metrics["eval/baseline/majority_class"] == m["baseline/majority_class"]  # an index
     assert "metrics.json" in run.artifacts and "iou_per_class.md" in run.artifacts
+    assert run.metrics_json["unit"] == "percent"
+    assert run.metrics_json["metrics"]["fused/miou_all"] == pytest.approx(100.0)
+    assert run.tags["baseline.majority_class"] in evaluation.class_names
+    note = run.tags["mlflow.note.content"]
+    assert "| fused | 100.0 |" in note
+    assert "get-artifact?path=evaluation/iou_per_class.png&run_uuid=0123abcd" in note
+
+
+def test_run_description_links_panels_and_plys():
+    from xmask3d.engine.evaluate import Evaluation, run_description
+
+    metrics = {"fused/hiou": 0.5, "fused/miou_base": 0.25, "fused/miou_novel": math.nan}
+    evaluation = Evaluation("toy", metrics, {}, {}, ("a", "b"), (1,), ["s0", "s1"],
+                            [{"scene_id": "s0"}], panels={"s0_view3.png": b"", "s0_topdown.png": b""})
+    note = run_description(evaluation, "run42", header="Model: best.pt")
+    assert note.startswith("Model: best.pt")
+    assert "| fused | 25.0 | – | 50.0 | – |" in note  # percent, "–" where undefined
+    for path in ("panels/s0_view3.png", "panels/s0_topdown.png", "ply/s0_pred.ply", "ply/s0_gt.ply"):
+        assert f"(get-artifact?path=evaluation/{path}&run_uuid=run42)" in note
 
 
 def test_cli_bad_model_exit_code_2(tmp_path):

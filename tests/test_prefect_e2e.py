@@ -134,12 +134,26 @@ def test_deploy_all_registers_every_deployment(prefect_stack):
 def test_preprocess_deployment_downloads_stores_and_skips_on_rerun(prefect_stack, synthetic_scannet,
                                                                    tmp_path):
     raw, store = tmp_path / "raw", tmp_path / "scannet.zarr"
+    token = "personal-t0ken-5e1f"  # the personal URL's secret part, kept in a Prefect Secret block
     with serve_directory(Path(synthetic_scannet)) as url:
-        params = {"url": url, "raw_dir": str(raw), "store": str(store), "scenes": SCENES, "workers": 1}
+        secret = subprocess.run(
+            [sys.executable, "-c", "import os; from prefect.blocks.system import Secret; "
+             "Secret(value=os.environ['URL']).save('scannet-url', overwrite=True)"],
+            env={**prefect_stack.env, "URL": f"{url}/?key={token}"}, capture_output=True, text=True,
+            timeout=120)
+        assert secret.returncode == 0, secret.stderr
+        params = {"url_from": "secret:scannet-url", "raw_dir": str(raw), "store": str(store),
+                  "scenes": SCENES, "workers": 1}
         result, run_id = prefect_stack.run_deployment("preprocess/scannet", params)
         assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{prefect_stack.logs_of_services()}"
     flow_run = prefect_stack.flow_run(run_id)
     assert flow_run["state"]["type"] == "COMPLETED"
+    # the token is nowhere in the server's database (runs, parameters, logs, events) nor in its logs
+    stored = b"".join(p.read_bytes() for p in prefect_stack.home.glob("*.db*"))
+    assert str(raw).encode() in stored  # the database does hold this run's parameters
+    assert token.encode() not in stored
+    assert token not in tail(prefect_stack.home / "server.log", 10**9)
+    assert token not in tail(prefect_stack.home / "worker.log", 10**9)
 
     # the download was real: the raw files are there, and the store holds both scenes
     assert all((raw / "scans" / s / f"{s}.sens").is_file() for s in SCENES)

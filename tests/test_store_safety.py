@@ -50,8 +50,8 @@ from preprocessing.pipeline import PreprocessConfig, preprocess_scannet_scene
 raw, store, scene, ready, go = sys.argv[1:6]
 if ready != "-":
     added = SceneWriter.add_frame
-    def add_then_wait(self, color, depth):
-        added(self, color, depth)
+    def add_then_wait(self, color, depth, labels=None):
+        added(self, color, depth, labels)
         if self._frames["count"] == 3:
             self._flush_frames()
             pause(ready, go)
@@ -67,7 +67,7 @@ except InputError as error:
 # a whole run (store lock, prepare_store, Dask LocalCluster); optionally stop after prepare_store
 RUN_SCRIPT = PAUSE + """
 from storage.errors import InputError
-from preprocessing import pipeline
+from preprocessing import pipeline, run
 raw, store, scene, wait, ready, go = sys.argv[1:7]
 if ready != "-":
     prepare = pipeline.prepare_store
@@ -77,7 +77,7 @@ if ready != "-":
         return out
     pipeline.prepare_store = prepare_then_wait
 try:
-    summaries = pipeline.run_preprocess("scannet", Path(raw), Path(store), pipeline.PreprocessConfig(
+    summaries = run.run_preprocess("scannet", Path(raw), Path(store), pipeline.PreprocessConfig(
         captions=None, show_progress=False), scenes=[scene], workers=1, lock_wait_s=float(wait))
 except InputError as error:
     print(error)
@@ -225,7 +225,7 @@ def rmtree(target, *a, **k):
     if point == "cleanup" and calls["put"] == 2 and os.path.basename(target).startswith(st.NEW_PREFIX):
         die()
     real_rmtree(target, *a, **k)
-st.put_bytes, st.os.link, st.shutil.rmtree = put, link, rmtree
+st.put_bytes, os.link, shutil.rmtree = put, link, rmtree  # module-wide: storage.objects calls them
 """
 SWAP_SCRIPT = SWAP_HOOKS + """
 from storage.store import open_store
@@ -361,7 +361,7 @@ def test_partial_root_from_a_stepwise_create_is_repaired_or_reported(tmp_path):
     zarr.open_group(str(path), mode="w-")
     with pytest.raises(InputError, match="interrupted store creation"):
         open_store(path)
-    assert create_store(path, "scannet", None, 0).attrs["schema_version"] == 1
+    assert create_store(path, "scannet", None, 0).attrs["schema_version"] == 2
     # ... but metadata without schema_version next to scenes is reported, never rewritten
     write_scene(open_store(path, "r+"), "scene0000_00")
     (path / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))

@@ -128,7 +128,8 @@ def test_layout_and_splits(synthetic_scannet: Path):
     for sid in SCENES:
         names = sorted(p.name for p in (root / "scans" / sid).iterdir())
         expected = [f"{sid}.sens", f"{sid}_vh_clean_2.ply", f"{sid}_vh_clean_2.labels.ply",
-                    f"{sid}_vh_clean_2.0.010000.segs.json", f"{sid}.aggregation.json", f"{sid}.txt"]
+                    f"{sid}_vh_clean_2.0.010000.segs.json", f"{sid}.aggregation.json", f"{sid}.txt",
+                    f"{sid}_2d-label-filt.zip"]
         assert names == sorted(expected)
     assert sorted(p.name for p in (root / "scans").iterdir()) == list(SCENES)  # no temporary dirs left
     assert (root / "scannetv2_train.txt").read_text().split() == list(SCENES[:2])

@@ -111,6 +111,30 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert load_checkpoint(tmp_path / "b")["step"] == 4
 
 
+def test_epoch_callback_and_plain_progress_lines(tmp_path, capsys, caplog):
+    """After each epoch's checkpoint (and after the last step) the callback runs; with stderr not a
+    terminal there is no bar and no carriage return, only log lines with loss, lr, step/s and ETA."""
+    import logging
+
+    calls = []
+
+    def on_epoch_end(epoch, step, final):
+        calls.append((epoch, step, final, load_checkpoint(tmp_path)["step"]))
+
+    seed_everything(7)
+    with caplog.at_level(logging.INFO, logger="test.fit"):
+        fit(TinyNet(), RandomPoints(6), collate, loss_fn, _cfg(epochs=3, max_steps=8), is_3d=is_3d,
+            checkpoint_dir=tmp_path, on_epoch_end=on_epoch_end, logger=logging.getLogger("test.fit"))
+    # 3 steps per epoch; max_steps 8 ends inside the third epoch; the checkpoint is written first
+    assert calls == [(0, 3, False, 3), (1, 6, False, 6), (2, 8, True, 8)]
+    lines = [r.getMessage() for r in caplog.records if r.name == "test.fit"]
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [e.split(":")[0] for e in epochs] == ["epoch 1/3 step 3/8", "epoch 2/3 step 6/8",
+                                                 "epoch 3/3 step 8/8"]
+    assert all("mean loss" in e and "lr 3d" in e and "step/s" in e and "ETA" in e for e in epochs)
+    assert "\r" not in capsys.readouterr().err
+
+
 def test_param_groups_and_schedule(tmp_path):
     cfg = _cfg(max_steps=1)
     seed_everything(0)
@@ -293,13 +317,17 @@ def test_train_tiny_logs_registers_and_resumes(synthetic_store, tmp_path):
     assert client.get_metric_history(result.run_id, "lr/3d")
     for key in ("3d", "2d", "fused", "baseline"):
         assert 0.0 <= result.metrics[f"{key}/miou_base"] <= 1.0
-    assert run.data.metrics["eval/fused/miou_base"] == pytest.approx(result.metrics["fused/miou_base"])
+    # logged in percent, returned as fractions
+    assert run.data.metrics["eval/fused/miou_base"] == pytest.approx(100 * result.metrics["fused/miou_base"])
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "evaluation")}
     assert {"evaluation/iou_per_class.png", "evaluation/confusion_fused.png", "evaluation/iou_per_class.md",
             "evaluation/metrics.json", "evaluation/ply"} <= artifacts
     plys = [a.path for a in client.list_artifacts(result.run_id, "evaluation/ply")]
     assert len(plys) == 2 and any(p.endswith("_gt.ply") for p in plys)
-    assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == ["checkpoints/last.pt"]
+    # tiny validates after the last step too: best.pt is that step's model, kept beside last.pt
+    assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == [
+        "checkpoints/best.pt", "checkpoints/last.pt"]
+    assert run.data.tags["best.step"] == "2" and run.data.tags["registered_checkpoint"] == "last.pt"
     version = client.get_model_version_by_alias("xmask3d-scannet20-b15n4", "candidate")
     assert str(version.version) == result.model_version and version.run_id == result.run_id
 

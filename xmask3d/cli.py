@@ -7,6 +7,7 @@ Bad input raises ``storage.errors.InputError`` and exits with code 2 and a one-l
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -17,6 +18,8 @@ from typing import Annotated, Any
 import typer
 
 from storage.errors import InputError
+from storage.location import parse_location
+from xmask3d.engine.progress import quiet_library_noise
 
 app = typer.Typer(help="XMask3D pipeline: synthetic data, download, preprocess, train, evaluate.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -45,6 +48,19 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
     return wrapper
+
+
+def json_object(text: str | None, option: str) -> dict[str, Any] | None:
+    """A JSON object given on the command line (None when not given); InputError otherwise."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise InputError(f"{option}: not JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise InputError(f"{option}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def not_implemented(what: str) -> None:
@@ -93,14 +109,18 @@ def download_scannet(
     url: Annotated[str | None, typer.Option(help="your ScanNet URL (default: $XMASK3D_SCANNET_URL)")] = None,
     mirror: Annotated[Path | None, typer.Option(help="local mirror directory")] = None,
     scenes: Annotated[str | None, typer.Option(help="comma-separated scene ids")] = None,
-    split: Annotated[str | None, typer.Option(help="train or val")] = None,
+    split: Annotated[str | None, typer.Option(help="train, val or test")] = None,
     workers: Annotated[int, typer.Option(help="parallel downloads")] = 4,
+    verify: Annotated[bool, typer.Option(help="re-check files on disk (size, checksum); fetch failing ones")
+                      ] = False,
+    checksums: Annotated[Path | None, typer.Option(help="sha256sum-format file of relative paths")] = None,
 ) -> None:
-    """Download the official ScanNet v2 per-scene files."""
+    """Download the official ScanNet v2 per-scene files (each verified before it is kept)."""
     from preprocessing.scannet.download import download_scannet as download  # heavy: loaded per command
 
     ids = [s.strip() for s in scenes.split(",") if s.strip()] if scenes else None
-    paths = download(out, url=url, mirror=mirror, scenes=ids, split=split, workers=workers)
+    paths = download(out, url=url, mirror=mirror, scenes=ids, split=split, workers=workers, verify=verify,
+                     checksums=checksums)
     typer.echo(f"{len(paths)} files under {out}")
 
 
@@ -116,13 +136,16 @@ def download_s3dis(
     areas: Annotated[str | None, typer.Option(help="2D-3D-S areas, e.g. 1,2,5a,5b (default all)")] = None,
     workers: Annotated[int, typer.Option(help="parallel downloads")] = 2,
     keep_archives: Annotated[bool, typer.Option(help="keep the archives after unpacking")] = True,
+    verify: Annotated[bool, typer.Option(help="re-check kept archives (size, checksum); fetch failing ones")
+                      ] = False,
+    checksums: Annotated[Path | None, typer.Option(help="sha256sum-format file of the archives")] = None,
 ) -> None:
     """Download and unpack S3DIS (Stanford3dDataset_v1.2) and its 2D-3D-S views (resumable)."""
     from preprocessing.s3dis.download import download_s3dis as download  # heavy: loaded per command
 
     names = [a for a in areas.split(",") if a.strip()] if areas else None
     dirs = download(out, url=url, mirror=mirror, release=release, views=views, areas=names, workers=workers,
-                    keep_archives=keep_archives)
+                    keep_archives=keep_archives, verify=verify, checksums=checksums)
     typer.echo("unpacked " + ", ".join(str(d) for d in dirs))
 
 
@@ -130,7 +153,7 @@ def download_s3dis(
 @user_errors
 def preprocess_scannet(
     raw: Annotated[Path, typer.Option(help="raw ScanNet directory (with scans/)")],
-    out: Annotated[Path, typer.Option(help="output store, e.g. data/scannet.zarr")],
+    out: Annotated[str, typer.Option(help="output store: a path (data/scannet.zarr) or an s3:// URL")],
     frame_step: int = 20,
     captions: Annotated[str | None, typer.Option(
         help="caption JSON (default RAW/captions.json if present), or 'none'")] = None,
@@ -145,6 +168,11 @@ def preprocess_scannet(
     region_captions: Annotated[str | None, typer.Option(
         help="region captions (boxes + phrases per frame; default RAW/region_captions.json if present), "
              "or 'none'")] = None,
+    cluster_class: Annotated[str | None, typer.Option(
+        help="Dask cluster class to start instead of the local one, e.g. dask_jobqueue.SLURMCluster")] = None,
+    cluster_kwargs: Annotated[str | None, typer.Option(
+        help='its keyword arguments as JSON, e.g. \'{"cores": 8, "memory": "32GiB"}\'')] = None,
+    cluster_jobs: Annotated[int, typer.Option(help="workers (jobqueue: jobs) to ask the cluster for")] = 0,
 ) -> None:
     """Decode, project, caption-embed and store ScanNet scenes."""
     from flows.preprocess import run_locally  # heavy: loaded per command
@@ -155,10 +183,13 @@ def preprocess_scannet(
             raise InputError("--clip-model and --clip-checkpoint go together")
         text_encoder = f"openclip:{clip_model}:{clip_checkpoint}"
     ids = [s.strip() for s in scenes.split(",") if s.strip()] if scenes else None
-    summaries, ok = run_locally(dataset="scannet", raw_dir=str(raw), store=str(out), scenes=ids,
+    out = str(parse_location(out))  # a bad or credential-carrying URL never becomes a flow parameter
+    summaries, ok = run_locally(dataset="scannet", raw_dir=str(raw), store=out, scenes=ids,
                                 frame_step=frame_step, captions=captions, text_encoder=text_encoder,
                                 dask_address=dask_address, workers=workers, overwrite=overwrite,
-                                region_captions=region_captions)
+                                region_captions=region_captions, cluster_class=cluster_class,
+                                cluster_kwargs=json_object(cluster_kwargs, "--cluster-kwargs"),
+                                cluster_jobs=cluster_jobs)
     typer.echo(format_summaries(summaries))
     if not ok:
         raise typer.Exit(code=1)
@@ -168,7 +199,7 @@ def preprocess_scannet(
 @user_errors
 def preprocess_s3dis(
     raw: Annotated[Path, typer.Option(help="raw S3DIS directory")],
-    out: Annotated[Path, typer.Option(help="output store")],
+    out: Annotated[str, typer.Option(help="output store: a path or s3:// gs:// az:// URL")],
     workers: Annotated[int | None, typer.Option(help="local Dask worker processes")] = None,
     overwrite: bool = False,
     dask_address: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler")] = None,
@@ -179,6 +210,11 @@ def preprocess_s3dis(
     ] = None,
     text_encoder: Annotated[str, typer.Option(
         help="minilm | openclip-tiny | openclip:MODEL:CHECKPOINT")] = "minilm",
+    cluster_class: Annotated[str | None, typer.Option(
+        help="Dask cluster class to start instead of the local one, e.g. dask_jobqueue.SLURMCluster")] = None,
+    cluster_kwargs: Annotated[str | None, typer.Option(
+        help='its keyword arguments as JSON, e.g. \'{"cores": 8, "memory": "32GiB"}\'')] = None,
+    cluster_jobs: Annotated[int, typer.Option(help="workers (jobqueue: jobs) to ask the cluster for")] = 0,
 ) -> None:
     """Store S3DIS rooms: points and labels, and with --views their 2D-3D-S views and captions."""
     from flows.preprocess import run_locally  # heavy: loaded per command
@@ -192,9 +228,12 @@ def preprocess_s3dis(
         if skipped:
             text = ", ".join(f"{n} frames ({why})" for why, n in sorted(skipped.items()))
             typer.echo(f"views skipped: {text}")
-    summaries, ok = run_locally(dataset="s3dis", raw_dir=str(raw), store=str(out), dask_address=dask_address,
+    out = str(parse_location(out))  # a bad or credential-carrying URL never becomes a flow parameter
+    summaries, ok = run_locally(dataset="s3dis", raw_dir=str(raw), store=out, dask_address=dask_address,
                                 workers=workers, overwrite=overwrite, views=str(views) if views else None,
-                                captions=captions, text_encoder=text_encoder)
+                                captions=captions, text_encoder=text_encoder, cluster_class=cluster_class,
+                                cluster_kwargs=json_object(cluster_kwargs, "--cluster-kwargs"),
+                                cluster_jobs=cluster_jobs)
     typer.echo(format_summaries(summaries))
     if not ok:
         raise typer.Exit(code=1)
@@ -203,7 +242,7 @@ def preprocess_s3dis(
 @app.command("import-captions")
 @user_errors
 def import_captions(
-    store: Annotated[Path, typer.Option(help="existing store; its complete scenes get region captions")],
+    store: Annotated[str, typer.Option(help="existing store (path or URL); its scenes get region captions")],
     fmt: Annotated[str, typer.Option("--format", help="regionplc | pla (view or entity files)")],
     captions: Annotated[Path, typer.Option(help="caption JSON {scene: {name: caption}}")],
     index: Annotated[Path, typer.Option(help="point-index pickle (RegionPLC list or PLA dict form)")],
@@ -221,7 +260,7 @@ def import_captions(
 @app.command()
 @user_errors
 def train(
-    store: Annotated[Path, typer.Option(help="preprocessed store")],
+    store: Annotated[str, typer.Option(help="preprocessed store: a path or s3:// gs:// az:// URL")],
     benchmark: Annotated[str, typer.Option(help="e.g. scannet20-b15n4")],
     preset: Annotated[str, typer.Option(help="tiny|small|paper")] = "tiny",
     resume: Annotated[str | None, typer.Option(help="run id or checkpoint to resume")] = None,
@@ -240,6 +279,9 @@ def train(
     caption_supervision: Annotated[str | None, typer.Option(
         help="official (view captions, the paper) | region (region captions, contrastive) | "
              "official+region; default: the preset's (official)")] = None,
+    random_init: Annotated[bool, typer.Option(
+        "--random-init", help="paper: train even without the Stable Diffusion / CLIP weights (random "
+                              "frozen parts; tagged random_init on the MLflow run)")] = False,
 ) -> None:
     """Train XMask3D on one benchmark, tracked in MLflow."""
     from xmask3d.engine.tracking import promote_if_better  # heavy: loaded per command
@@ -247,13 +289,15 @@ def train(
     from xmask3d.engine.train import train_preset  # heavy: loaded per command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet_library_noise()
     given = {"epochs": epochs, "max_steps": max_steps, "checkpoint_every": checkpoint_every,
              "checkpoint_dir": checkpoint_dir}
     overrides: dict = {k: v for k, v in given.items() if v is not None}
     overrides["evaluate"] = evaluate
     result = run_training(store, benchmark, preset, train_preset(preset, **overrides),
                           tracking_uri=tracking_uri, resume=resume, sd_dir=sd_dir,
-                          clip_checkpoint=clip_checkpoint, caption_supervision=caption_supervision)
+                          clip_checkpoint=clip_checkpoint, caption_supervision=caption_supervision,
+                          random_init=random_init)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports and promotes
         return
     if result.evaluation is not None:
@@ -269,17 +313,23 @@ def train(
 @app.command()
 @user_errors
 def evaluate(
-    store: Annotated[Path, typer.Option(help="preprocessed store")],
+    store: Annotated[str, typer.Option(help="preprocessed store: a path or s3:// gs:// az:// URL")],
     benchmark: Annotated[str, typer.Option(help="e.g. scannet20-b15n4")],
     model: Annotated[str, typer.Option(help="models:/xmask3d-NAME@champion, a run id or a checkpoint")],
     max_views: Annotated[int, typer.Option(help="views per scene (0 = all, the official protocol)")] = 0,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default $MLFLOW_TRACKING_URI)")
                             ] = None,
+    random_init: Annotated[bool, typer.Option(
+        "--random-init", help="evaluate a paper model even with random Stable Diffusion / CLIP weights")
+    ] = False,
 ) -> None:
     """Evaluate a model: mIoU base / novel / hIoU for the 3D, 2D and fused heads."""
     from xmask3d.engine.evaluate import evaluate as run_evaluation  # heavy: loaded per command
 
-    result = run_evaluation(store, benchmark, model, tracking_uri=tracking_uri, max_views=max_views)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet_library_noise()
+    result = run_evaluation(store, benchmark, model, tracking_uri=tracking_uri, max_views=max_views,
+                            random_init=random_init)
     typer.echo(result.table())
     typer.echo(f"MLflow run {result.run_id}")
 
@@ -289,7 +339,7 @@ def evaluate(
 def ablate(
     benchmark: Annotated[str, typer.Option(help="e.g. scannet20-b15n4")],
     preset: Annotated[str, typer.Option(help="tiny|small|paper")] = "tiny",
-    store: Annotated[Path, typer.Option(help="preprocessed store")] = Path("data/scannet.zarr"),
+    store: Annotated[str, typer.Option(help="preprocessed store: a path or URL")] = "data/scannet.zarr",
     variants: Annotated[str | None, typer.Option(
         help="comma-separated: full, no-implicit-condition, no-mask-regularization, no-fusion, "
              "no-binary-head, no-caption-losses, or several joined by '+' (default: full and each alone)")
@@ -305,8 +355,7 @@ def ablate(
     from xmask3d.engine.train import check_store, train_preset  # heavy: loaded per command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("mlflow", "sentence_transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_noise()
     names = resolve_variants(variants)  # bad names fail here, before Prefect starts
     overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
     train_preset(preset, **overrides)
@@ -315,7 +364,7 @@ def ablate(
     check_store(store, get_benchmark(benchmark), need_val=True)
     from flows.ablate import ablate as ablate_flow  # heavy: loaded per command
 
-    result = ablate_flow(store=str(store), benchmark=benchmark, preset=preset, variants=names,
+    result = ablate_flow(store=str(parse_location(store)), benchmark=benchmark, preset=preset, variants=names,
                          train_config=overrides or None, tracking_uri=tracking_uri, max_views=max_views)
     from xmask3d.engine.ablate import table_markdown  # heavy: loaded per command
 
@@ -329,7 +378,7 @@ def render(
     run: Annotated[str, typer.Option(help="MLflow run id, models:/NAME@alias or a checkpoint")],
     scene: Annotated[str, typer.Option(help="scene id in the store")],
     out: Annotated[Path, typer.Option(help="output directory")] = Path("panels"),
-    store: Annotated[Path | None, typer.Option(help="store (default: the run's training store)")] = None,
+    store: Annotated[str | None, typer.Option(help="store path or URL (default: the run's store)")] = None,
     views: Annotated[int, typer.Option(help="views per scene")] = 3,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default $MLFLOW_TRACKING_URI)")
                             ] = None,
@@ -354,12 +403,10 @@ def model_summary(preset: Annotated[str, typer.Option(help="tiny|small|paper")] 
 @user_errors
 def demo(out: Annotated[Path, typer.Option(help="demo output directory")] = Path("demo_output")) -> None:
     """Synthetic data -> preprocess -> train (tiny) -> evaluate, on CPU."""
+    quiet_library_noise()  # Dask workers too (environment), before distributed is imported
     from flows.demo import report, run_demo  # heavy: loaded per command
 
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # also for the worker processes
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("distributed", "mlflow", "sentence_transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     typer.echo(report(run_demo(out)))
 
 

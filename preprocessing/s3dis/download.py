@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 from preprocessing.download import RetryPolicy, check_source, fetch_all
+from preprocessing.verify import read_checksum_file
 from storage.errors import InputError
 
 URL_ENV = "XMASK3D_S3DIS_URL"
@@ -47,6 +48,11 @@ def _areas(areas: list[str] | None) -> list[str]:
 
 def _marker(out_dir: Path, archive: str) -> Path:
     return out_dir / f".{archive}.unpacked"
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def unpack(archive: Path, dest: Path) -> None:
@@ -74,12 +80,15 @@ def unpack(archive: Path, dest: Path) -> None:
 def download_s3dis(out_dir: Path, url: str | None = None, mirror: Path | None = None,
                    release: str = "raw", views: bool = True, areas: list[str] | None = None,
                    workers: int = 2, keep_archives: bool = True,
-                   policy: RetryPolicy = RetryPolicy()) -> list[Path]:
+                   policy: RetryPolicy = RetryPolicy(), checksums: Path | None = None,
+                   verify: bool = False) -> list[Path]:
     """Fetch and unpack the S3DIS release and (``views``) the 2D-3D-S areas into ``out_dir``.
 
     ``release``: ``raw`` (non-aligned, the frame of the 2D-3D-S poses) or ``aligned``. ``areas``:
     2D-3D-S areas to fetch (``1``..``6``, ``5a``, ``5b``; default all). Returns the unpacked
     directories (``out_dir/Stanford3dDataset_v1.2[...]`` and ``out_dir/Stanford2d3dDataset_noXYZ``).
+    ``checksums``: a ``sha256sum``-format file of the archive names; ``verify``: re-check the kept
+    archives against the source (size, checksum), fetch again and unpack again those that fail.
     """
     if url is None and mirror is None:
         url = os.environ.get(URL_ENV) or None
@@ -94,7 +103,15 @@ def download_s3dis(out_dir: Path, url: str | None = None, mirror: Path | None = 
     targets = {RELEASES[release]: out_dir}
     targets.update({view_archive(a): out_dir / VIEWS_DIR for a in names})
     todo = [name for name in targets if not _marker(out_dir, name).is_file()]
-    fetch_all(base, todo, out_dir, workers=workers, policy=policy, desc="s3dis")
+    if verify:  # kept archives are checked again; one fetched anew is unpacked anew
+        kept = [name for name in targets if name not in todo and (out_dir / name).is_file()]
+        before = {name: _identity(out_dir / name) for name in kept}
+        todo += kept
+    sums = read_checksum_file(checksums) if checksums is not None else None
+    fetch_all(base, todo, out_dir, workers=workers, policy=policy, desc="s3dis", checksums=sums,
+              verify=verify)
+    if verify:
+        todo = [name for name in todo if name not in before or _identity(out_dir / name) != before[name]]
     for name in todo:
         unpack(out_dir / name, targets[name])
         _marker(out_dir, name).write_text("unpacked\n")

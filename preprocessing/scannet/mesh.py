@@ -95,6 +95,9 @@ def _label_table(path: str, mtime_ns: int) -> dict[str, int]:
             rows = list(csv.DictReader(f, delimiter="\t"))
     except FileNotFoundError as error:
         raise InputError(f"{path}: label TSV not found") from error
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                         f"{error.start}); save the label TSV as UTF-8") from None
     if not rows or not {"id", "raw_category"} <= set(rows[0]):
         raise InputError(f"{path}: not a ScanNet label TSV (needs columns id and raw_category)")
     table = {}
@@ -122,6 +125,9 @@ def read_axis_alignment(path: Path) -> np.ndarray:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError as error:
         raise InputError(f"{path}: scene metadata file not found") from error
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                         f"{error.start})") from None
     for line in lines:
         key, _, value = line.partition("=")
         if key.strip() == "axisAlignment":
@@ -168,8 +174,12 @@ def categories_per_vertex(segs_path: Path, aggregation_path: Path, num_vertices:
     return segment_category[seg_indices]
 
 
-def read_scannet_scene(scene_dir: Path, label_tsv: Path) -> ScanNetMesh:
-    """Read the mesh, labels and annotations of one ScanNet v2 scene directory."""
+def read_scannet_scene(scene_dir: Path, label_tsv: Path, annotated: bool = True) -> ScanNetMesh:
+    """Read the mesh, labels and annotations of one ScanNet v2 scene directory.
+
+    ``annotated=False`` (test scenes under ``scans_test/``, which ship without annotations): only
+    the mesh and ``<id>.txt`` are read and every vertex is unannotated (0).
+    """
     scene_dir = Path(scene_dir)
     paths = scene_paths(scene_dir)
     mesh = _vertices(paths["mesh"])
@@ -177,6 +187,11 @@ def read_scannet_scene(scene_dir: Path, label_tsv: Path) -> ScanNetMesh:
     rgb = np.stack([_field(mesh, c, paths["mesh"]) for c in ("red", "green", "blue")], axis=1)
     if not np.isfinite(xyz).all():
         raise InputError(f"{paths['mesh']}: non-finite vertex coordinates")
+    if not annotated:
+        return ScanNetMesh(xyz=xyz, rgb=np.clip(rgb, 0, 255).astype(np.uint8),
+                           nyu40=np.zeros(len(xyz), np.uint8), category=np.zeros(len(xyz), np.uint16),
+                           axis_alignment=read_axis_alignment(paths["meta"]),
+                           source_files={p.name: p.stat().st_size for p in (paths["mesh"], paths["meta"])})
     labeled = _vertices(paths["labels"])
     if len(labeled) != len(mesh):
         raise InputError(f"{paths['labels']}: {len(labeled)} vertices, "

@@ -2,7 +2,8 @@
 
 `write_scannet` writes, under OUT:
   scans/<sceneXXXX_00>/<id>.sens, <id>_vh_clean_2.ply, <id>_vh_clean_2.labels.ply,
-  <id>_vh_clean_2.0.010000.segs.json, <id>.aggregation.json, <id>.txt
+  <id>_vh_clean_2.0.010000.segs.json, <id>.aggregation.json, <id>.txt,
+  <id>_2d-label-filt.zip (label-filt/<frame>.png: 16-bit raw category id per colour pixel)
   scannetv2-labels.combined.tsv, scannetv2_train.txt, scannetv2_val.txt, captions.json,
   region_captions.json (a detector-captioner's boxes + phrases per frame, docs/openvocab.md)
 Depth and colour frames are ray-cast from the same geometry the mesh is sampled from, so the
@@ -12,12 +13,15 @@ rebuilds a scene's geometry, cameras and intrinsics without writing anything (fo
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from preprocessing.region_captions import REGION_FORMAT
@@ -214,6 +218,21 @@ def _write_mesh_files(scene: ScanNetScene, scene_dir: Path) -> None:
     (scene_dir / f"{sid}.aggregation.json").write_text(json.dumps(aggregation))
 
 
+def label_image(scene: ScanNetScene, color_objects: np.ndarray) -> np.ndarray:
+    """uint16 [H,W] raw category id (TSV ``id``) per colour pixel, 0 = unannotated or nothing hit:
+    what ScanNet's ``label-filt`` images hold, here rendered from the scene's own geometry."""
+    objects = scene.geometry.objects
+    table = np.array([CATEGORIES[o.category].raw_id if o.annotated else 0 for o in objects] + [0], np.uint16)
+    return table[np.where(color_objects >= 0, color_objects, len(objects))]
+
+
+def encode_label_png(label: np.ndarray) -> bytes:
+    """A 16-bit greyscale PNG of a uint16 label image (the format of ScanNet's label zips)."""
+    buffer = io.BytesIO()
+    Image.fromarray(label.astype(np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _write_meta(scene: ScanNetScene, scene_dir: Path, num_imu: int) -> None:
     (cw, ch), (dw, dh) = scene.size.color, scene.size.depth
     kc, kd = scene.intrinsic_color, scene.intrinsic_depth
@@ -247,10 +266,12 @@ def write_scene(scene: ScanNetScene, scene_dir: Path, progress: bool = True
     annotated = [o.annotated for o in geo.objects]
     captions: dict[str, str] = {}
     start_us = 1_000_000 * (1 + scene.index)
+    labels = zipfile.ZipFile(scene_dir / f"{sid}_2d-label-filt.zip", "w", zipfile.ZIP_STORED)
 
     def frames() -> Iterator[SensFrameBytes]:
         for i in tqdm(range(len(scene.poses)), desc=sid, unit="frame", leave=False, disable=not progress):
             frame = render_frame(scene, i, rng)
+            labels.writestr(f"label-filt/{i}.png", encode_label_png(label_image(scene, frame.color_objects)))
             if np.all(np.isfinite(scene.poses[i])):
                 visible = visible_objects(frame.color_objects, categories, annotated)
                 captions[str(i)] = make_caption(visible, scene.scene_type, rng)
@@ -264,7 +285,8 @@ def write_scene(scene: ScanNetScene, scene_dir: Path, progress: bool = True
                         color_width=cw, color_height=ch, depth_width=dw, depth_height=dh)
     num_imu = 2 * len(scene.poses)
     imu = synthetic_imu(num_imu, start_us, FRAME_PERIOD_US // 2, rng)
-    write_sens(scene_dir / f"{sid}.sens", header, frames(), imu)
+    with labels:
+        write_sens(scene_dir / f"{sid}.sens", header, frames(), imu)
     _write_mesh_files(scene, scene_dir)
     _write_meta(scene, scene_dir, num_imu)
     return captions, regions

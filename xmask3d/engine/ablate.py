@@ -31,6 +31,7 @@ from typing import Any
 
 from storage.benchmarks import get_benchmark
 from storage.errors import InputError
+from storage.objects import as_path
 from xmask3d.engine import tracking
 from xmask3d.engine.evaluate import evaluate_loaded, log_evaluation
 from xmask3d.engine.predict import load_model_for_inference
@@ -160,11 +161,11 @@ def start_ablation(store_path: Path, benchmark: str, preset: str, variants: Sequ
     bench = get_benchmark(benchmark)
     names = resolve_variants(list(variants))
     cfg = train_preset(preset, **dict(train_overrides or {}))
-    check_store(Path(store_path), bench, need_val=True)
+    check_store(as_path(store_path), bench, need_val=True)
     run = tracking.RunTracker(tracking_uri, bench.name, run_name=f"ablation-{preset}",
                               tags={"kind": "ablation", "preset": preset})
     run.log_params({"ablation": {"benchmark": bench.name, "preset": preset, "variants": names,
-                                 "store": str(Path(store_path).resolve()),
+                                 "store": str(as_path(store_path).resolve()),
                                  "train_overrides": dict(train_overrides or {})},
                     "train": cfg.to_dict()})
     return run.run_id
@@ -182,7 +183,7 @@ def run_variant(store_path: Path, benchmark: str, preset: str, variant: str, par
     overrides = {**dict(train_overrides or {}), "evaluate": False}  # evaluated below, not registered
     cfg = train_preset(preset, **overrides)
     log.info("ablation %s: training variant %s", benchmark, name)
-    trained = train(Path(store_path), benchmark, preset, cfg, tracking_uri=tracking_uri, switches=switches,
+    trained = train(as_path(store_path), benchmark, preset, cfg, tracking_uri=tracking_uri, switches=switches,
                     caption_supervision=supervision)
     run = tracking.RunTracker(tracking_uri, benchmark, run_id=trained.run_id)
     run.set_tags({"mlflow.parentRunId": parent_run_id, "mlflow.runName": name, "variant": name,
@@ -190,8 +191,8 @@ def run_variant(store_path: Path, benchmark: str, preset: str, variant: str, par
     try:
         loaded = load_model_for_inference(trained.checkpoint_path)
         parameters = trainable_parameters(loaded.model)
-        evaluation = evaluate_loaded(loaded, Path(store_path), benchmark, max_views=max_views, ply_scenes=0,
-                                     panel_scenes=panel_scenes)
+        evaluation = evaluate_loaded(loaded, as_path(store_path), benchmark, max_views=max_views,
+                                     ply_scenes=0, panel_scenes=panel_scenes)
         log_evaluation(run, evaluation, step=trained.steps)
         run.log_metrics({"parameters/trainable": parameters}, step=trained.steps)
     except BaseException:

@@ -12,18 +12,23 @@ computed once per scene from the ground truth and the point coordinates).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from storage.benchmarks import Benchmark, get_benchmark
-from storage.dataset import scene_labels
+from storage.dataset import SceneViewDataset, collate_scenes, scene_labels
 from storage.errors import InputError
+from storage.objects import as_path
 from storage.store import open_store
 from xmask3d.engine import plots, tracking
 from xmask3d.engine.metrics import (
@@ -38,10 +43,16 @@ from xmask3d.engine.panels import scene_panels
 from xmask3d.engine.predict import (
     HEADS,
     LoadedModel,
+    _index_tensor,
+    eval_max_points,
     load_model_for_inference,
     predict_scenes,
+    view_labels,
 )
+from xmask3d.engine.progress import format_duration
 from xmask3d.engine.tracking import resolve_model
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # Evaluation over the validation scenes
@@ -101,11 +112,13 @@ def train_majority_class(store_path: Path, bench: Benchmark) -> tuple[list[np.nd
 
 def evaluate_loaded(loaded: LoadedModel, store_path: Path, benchmark: str, max_views: int = 0,
                     ply_scenes: int = 3, scenes: list[str] | None = None, panel_scenes: int = 2,
-                    panel_views: int = 3) -> Evaluation:
+                    panel_views: int = 3, logger: logging.Logger | logging.LoggerAdapter | None = None,
+                    interval_s: float = 60.0) -> Evaluation:
     """Evaluate on the store's validation scenes (or `scenes`): metrics per head + baseline.
 
     The first `panel_scenes` scenes also get qualitative panels (`panel_views` views each and a
-    top-down render; xmask3d.engine.panels)."""
+    top-down render; xmask3d.engine.panels). Progress (scenes done, views/s, ETA) goes to `logger`
+    (default: this module's) every `interval_s` seconds and at the end."""
 
     bench = get_benchmark(benchmark)
     store = open_store(store_path)
@@ -119,7 +132,18 @@ def evaluate_loaded(loaded: LoadedModel, store_path: Path, benchmark: str, max_v
     gts, examples = [], []
     panels: dict[str, bytes] = {}
     panel_ids: list[str] = []
-    for pred in predict_scenes(loaded, Path(store_path), bench, scene_ids, max_views):
+    logger = logger if logger is not None else log
+    started = last_line = time.monotonic()
+    views_done = 0
+    for done, pred in enumerate(predict_scenes(loaded, as_path(store_path), bench, scene_ids, max_views), 1):
+        views_done += pred.views
+        now = time.monotonic()
+        if now - last_line >= interval_s or done == len(scene_ids):
+            last_line = now
+            rate = views_done / (now - started) if now > started else math.nan
+            left = (now - started) / done * (len(scene_ids) - done)
+            logger.info("evaluate %s: scene %d/%d, %d views, %.2f views/s, ETA %s", bench.name, done,
+                        len(scene_ids), views_done, rate, format_duration(left))
         scene = store.scene(pred.scene_id)
         gt = scene_labels(scene, bench).astype(np.int64)
         gts.append(gt)
@@ -140,7 +164,7 @@ def evaluate_loaded(loaded: LoadedModel, store_path: Path, benchmark: str, max_v
         if len(examples) < ply_scenes:
             examples.append({"scene_id": pred.scene_id, "xyz": xyz, "gt": gt,
                              "pred": pred.heads["fused"]})
-    train_labels, _ = train_majority_class(Path(store_path), bench)
+    train_labels, _ = train_majority_class(as_path(store_path), bench)
     majority, baseline = majority_class_baseline(train_labels, gts, T)
     metrics: dict[str, float] = {}
     ious = {h: a.iou() for h, a in acc.items()}
@@ -172,7 +196,9 @@ def write_evaluation_artifacts(evaluation: Evaluation, out_dir: Path) -> Path:
     summary = "\n".join(["", "```", evaluation.table(), "```", ""])
     title = f"# {evaluation.benchmark}: per-class IoU (%)"
     (out_dir / "iou_per_class.md").write_text(f"{title}\n\n{table}{summary}")
-    (out_dir / "metrics.json").write_text(json.dumps(evaluation.metrics, indent=1, sort_keys=True))
+    (out_dir / "metrics.json").write_text(json.dumps(
+        {"unit": "percent", "benchmark": evaluation.benchmark, "metrics": as_percent(evaluation.metrics),
+         "majority_class": majority_class_name(evaluation)}, indent=1, sort_keys=True))
     for name, png in evaluation.panels.items():
         (out_dir / "panels").mkdir(exist_ok=True)
         (out_dir / "panels" / name).write_bytes(png)
@@ -182,34 +208,183 @@ def write_evaluation_artifacts(evaluation: Evaluation, out_dir: Path) -> Path:
     return out_dir
 
 
-def log_evaluation(run: Any, evaluation: Evaluation, step: int = 0) -> None:
-    """Metrics and the artifacts people look at, into an MLflow run (tracking.RunTracker)."""
-    run.log_metrics({f"eval/{k}": v for k, v in evaluation.metrics.items()}, step=step)
+# Metrics that are not scores (a class index): logged as they are, never scaled to percent.
+NOT_PERCENT = ("baseline/majority_class",)
+
+
+def as_percent(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Scores in percent (what MLflow, tables, PNGs and metrics.json show); ``Evaluation.metrics``
+    and the Python API keep fractions in [0, 1]."""
+    return {k: (v if k in NOT_PERCENT else 100.0 * v) for k, v in metrics.items()}
+
+
+def majority_class_name(evaluation: Evaluation) -> str | None:
+    index = evaluation.metrics.get("baseline/majority_class")
+    if index is None or not math.isfinite(index) or not 0 <= int(index) < len(evaluation.class_names):
+        return None
+    return evaluation.class_names[int(index)]
+
+
+EVAL_ARTIFACTS = "evaluation"
+
+
+def run_description(evaluation: Evaluation, run_id: str, header: str = "",
+                    artifact_dir: str = EVAL_ARTIFACTS) -> str:
+    """Markdown for the MLflow run page (``mlflow.note.content``): the headline scores (%) and
+    links to the panels, charts and PLY files. Links are relative ``get-artifact`` URLs of the
+    tracking server, so they open from the run page of any MLflow UI serving this run."""
+    def link(path: str) -> str:
+        return f"get-artifact?path={artifact_dir}/{path}&run_uuid={run_id}"
+
+    m = as_percent(evaluation.metrics)
+
+    def pct(key: str) -> str:
+        value = m.get(key, math.nan)
+        return "–" if not math.isfinite(value) else f"{value:.1f}"
+
+    lines = [header.rstrip(), ""] if header else []
+    lines += [f"### {evaluation.benchmark}: {len(evaluation.scenes)} validation scenes (scores in %)", "",
+              "| head | mIoU base | mIoU novel | hIoU | mIoU all |", "|---|---|---|---|---|"]
+    for head in (*HEADS, "baseline"):
+        lines.append(f"| {head} | {pct(f'{head}/miou_base')} | {pct(f'{head}/miou_novel')} | "
+                     f"{pct(f'{head}/hiou')} | {pct(f'{head}/miou_all')} |")
+    lines += ["", f"Charts: [per-class IoU]({link('iou_per_class.png')}), "
+              f"[confusion (fused)]({link('confusion_fused.png')}), [table]({link('iou_per_class.md')}), "
+              f"[metrics.json]({link('metrics.json')})"]
+    if evaluation.panels:
+        lines += ["", "Panels (image, ground truth, 3D / 2D / fused):", ""]
+        lines += [f"[![{name}]({link('panels/' + name)})]({link('panels/' + name)})"
+                  for name in sorted(evaluation.panels)]
+    if evaluation.examples:
+        lines += ["", "Point clouds (binary PLY, class colours; open in MeshLab / CloudCompare):", ""]
+        for example in evaluation.examples:
+            scene = str(example["scene_id"])
+            lines.append(f"- {scene}: [prediction]({link(f'ply/{scene}_pred.ply')}), "
+                         f"[ground truth]({link(f'ply/{scene}_gt.ply')})")
+    return "\n".join(lines) + "\n"
+
+
+def log_evaluation(run: Any, evaluation: Evaluation, step: int = 0, header: str = "") -> None:
+    """Metrics (``eval/<key>``, in %) and the artifacts people look at, into an MLflow run
+    (tracking.RunTracker); the run description links the panels and PLY files."""
+    run.log_metrics({f"eval/{k}": v for k, v in as_percent(evaluation.metrics).items()}, step=step)
     with tempfile.TemporaryDirectory() as tmp:
         write_evaluation_artifacts(evaluation, Path(tmp))
-        run.log_artifacts(Path(tmp), "evaluation")
+        run.log_artifacts(Path(tmp), EVAL_ARTIFACTS)
+    majority = majority_class_name(evaluation)
+    run.set_tags({"mlflow.note.content": run_description(evaluation, run.run_id, header),
+                  **({"baseline.majority_class": majority} if majority else {})})
+
+
+# --------------------------------------------------------------------------------------------
+# Validation during training: a fixed subset of validation views, the visible points of each
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """The views validated every ``val_every`` epochs, and the score that picks the best model."""
+
+    items: tuple[tuple[str, int], ...]  # (scene id, view index)
+    has_novel: bool  # novel classes occur among the visible points of these views
+
+    @property
+    def primary(self) -> str:
+        """fused hIoU when the views show novel classes, else fused mIoU over all classes."""
+        return "fused/hiou" if self.has_novel else "fused/miou_all"
+
+
+def validation_set(store_path: Path, benchmark: str, count: int, seed: int = 0) -> ValidationSet:
+    """``count`` views of the store's validation scenes, fixed for a run: the valid views of each
+    scene in a seeded random order, taken round-robin over the scenes (so every scene is in the
+    subset before any scene gives a second view)."""
+    bench = get_benchmark(benchmark)
+    dataset = SceneViewDataset(store_path, bench.name, split="val", mode="eval",
+                               max_points=eval_max_points(bench.name))
+    rng = np.random.default_rng(seed)
+    queues = {sid: [int(v) for v in rng.permutation(views)] for sid, views in dataset.valid_views.items()}
+    items: list[tuple[str, int]] = []
+    while len(items) < count and any(queues.values()):
+        for sid in dataset.scene_ids:
+            if queues[sid] and len(items) < count:
+                items.append((sid, queues[sid].pop(0)))
+    store = open_store(store_path)
+    novel = np.zeros(256, dtype=bool)
+    novel[np.asarray(bench.novel_indices)] = True
+    has_novel = False
+    for sid in sorted({sid for sid, _ in items}):
+        scene = store.scene(sid)
+        labels = scene_labels(scene, bench)
+        offsets = scene["proj/offsets"][:]
+        points = scene["proj/point"]
+        for view in (v for s, v in items if s == sid):
+            if novel[labels[points[int(offsets[view]):int(offsets[view + 1])]]].any():
+                has_novel = True
+                break
+        if has_novel:
+            break
+    return ValidationSet(tuple(items), has_novel)
+
+
+def validate(loaded: LoadedModel, store_path: Path, benchmark: str, views: ValidationSet) -> dict[str, float]:
+    """Scores (fractions) of the 3D, 2D and fused heads over the visible points of ``views``: the
+    evaluation's per-view labels, accumulated over the views, without multi-view votes (a subset
+    of views cannot vote for a whole scene)."""
+    bench = get_benchmark(benchmark)
+    scenes = sorted({sid for sid, _ in views.items})
+    dataset = SceneViewDataset(store_path, bench.name, split="val", mode="eval", voxel_size=loaded.voxel_size,
+                               image_size=loaded.image_size, scenes=scenes,
+                               max_points=eval_max_points(bench.name))
+    dataset.items = list(views.items)
+    text = F.normalize(loaded.encoder.encode(list(bench.class_names)).float(), dim=-1)
+    is_base = torch.zeros(bench.num_classes, dtype=torch.bool)
+    is_base[_index_tensor(bench.base_indices)] = True
+    acc = {h: ConfusionAccumulator(bench.num_classes) for h in HEADS}
+    was_training = loaded.model.training
+    loaded.model.eval()
+    try:
+        for i in range(len(dataset)):
+            batch = collate_scenes([dataset[i]])
+            with torch.no_grad():
+                out = loaded.model.infer(batch, text, is_base=is_base)
+            for head, labels in view_labels(out, text, batch["coord"], bench).items():
+                acc[head].update(labels.cpu().numpy(), batch["label"].numpy())
+    finally:
+        loaded.model.train(was_training)
+    metrics: dict[str, float] = {}
+    for head in HEADS:
+        scores = split_scores(acc[head].iou(), bench.base_indices, bench.novel_indices)
+        metrics.update(scores.as_dict(f"{head}/"))
+        metrics[f"{head}/accuracy"] = acc[head].accuracy()
+    return metrics
 
 
 def evaluate(store_path: Path, benchmark: str, model: str, tracking_uri: str | None = None,
-             max_views: int = 0, ply_scenes: int = 3, log: bool = True) -> Evaluation:
-    """Evaluate a model on the store's validation scenes; logged as a run nested under its training run."""
+             max_views: int = 0, ply_scenes: int = 3, log: bool = True, random_init: bool = False,
+             logger: logging.Logger | logging.LoggerAdapter | None = None) -> Evaluation:
+    """Evaluate a model on the store's validation scenes; logged as a run nested under its training run.
+
+    A ``paper`` model with random Stable Diffusion / CLIP weights is refused unless ``random_init``
+    (then the run is tagged ``random_init=true``). Progress lines go to ``logger``."""
 
     bench = get_benchmark(benchmark)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, train_run = resolve_model(model, tracking_uri, Path(tmp))
-        loaded = load_model_for_inference(checkpoint)
+        loaded = load_model_for_inference(checkpoint, allow_random=random_init, source=model)
     if loaded.benchmark != bench.name:
         raise InputError(f"{model}: model was trained on {loaded.benchmark}, not {bench.name}")
-    evaluation = evaluate_loaded(loaded, Path(store_path), bench.name, max_views=max_views,
-                                 ply_scenes=ply_scenes)
+    evaluation = evaluate_loaded(loaded, as_path(store_path), bench.name, max_views=max_views,
+                                 ply_scenes=ply_scenes, logger=logger)
     if log:
         tags = {"mlflow.parentRunId": train_run or loaded.run_id or "", "model": model, "kind": "evaluation"}
+        if loaded.random_parts:
+            tags.update({"random_init": "true", "random_init.parts": "; ".join(loaded.random_parts)})
         run = tracking.RunTracker(tracking_uri, bench.name, run_name=f"evaluate-{bench.name}",
                                   tags={k: v for k, v in tags.items() if v})
         try:
-            run.log_params({"model": model, "store": str(Path(store_path).resolve()),
+            run.log_params({"model": model, "store": str(as_path(store_path).resolve()),
                             "protocol": evaluation_protocol(bench, max_views, loaded.encoder.name)})
-            log_evaluation(run, evaluation)
+            header = f"Evaluation of `{model}` (checkpoint `{checkpoint.name}`)."
+            log_evaluation(run, evaluation, header=header)
         except BaseException:
             run.end("FAILED")
             raise
@@ -224,7 +399,8 @@ def evaluation_protocol(bench: Benchmark, max_views: int, text_encoder: str) -> 
         "split": "val",
         "views": f"first {max_views} valid views per scene" if max_views
         else "every valid view of each scene",
-        "valid_view": "400 < visible points < 65000 (no ground truth used)",
+        "valid_view": f"400 < visible points < {eval_max_points(bench.name)} (the official val_keep of the "
+                      "benchmark; no ground truth used)",
         "view_points": "only the points visible in the view, as in training; no test-time augmentation",
         "text": f"bare class names of all {bench.num_classes} classes, {text_encoder}, no template",
         "binary_gating_threshold": 0.5,

@@ -31,6 +31,7 @@ from scipy import ndimage
 from storage.benchmarks import get_benchmark
 from storage.dataset import scene_labels
 from storage.errors import InputError
+from storage.objects import as_path
 from storage.store import open_store
 from xmask3d.engine import tracking
 from xmask3d.engine.plots import class_palette
@@ -321,12 +322,12 @@ def render_run(model: str, scene_id: str, out_dir: Path, store: Path | None = No
         params = MlflowClient(tracking_uri=uri).get_run(run_id).data.params
         if "data.store" not in params:
             raise InputError(f"MLflow run {run_id} records no data.store param; pass --store")
-        store = Path(params["data.store"])
+        store = as_path(params["data.store"])
     opened = open_store(store)
     if scene_id not in opened.scene_ids():
         raise InputError(f"{store}: no scene {scene_id!r} (scenes: {', '.join(opened.scene_ids()[:8])} ...)")
     bench = get_benchmark(loaded.benchmark)
-    prediction = predict_scene(loaded, Path(store), scene_id, bench.name)
+    prediction = predict_scene(loaded, as_path(store), scene_id, bench.name)
     scene = opened.scene(scene_id)
     gt = scene_labels(scene, bench).astype(np.int64)
     label = f"{bench.name}, run {run_id[:8]}" if run_id else bench.name

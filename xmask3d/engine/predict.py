@@ -27,20 +27,33 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial import cKDTree
 from torch import nn
-from tqdm.auto import tqdm
 
 from preprocessing.text import build_text_encoder
 from storage.benchmarks import Benchmark, get_benchmark
 from storage.dataset import SceneViewDataset, collate_scenes
 from storage.errors import InputError
+from storage.objects import as_path
 from storage.store import open_store
 from xmask3d.engine.checkpoint import load_checkpoint, load_model_state, pretrained_prefixes
-from xmask3d.network.config import model_config_from_dict
+from xmask3d.engine.progress import view_bar
+from xmask3d.network.config import missing_pretrained, model_config_from_dict
 from xmask3d.network.config import preset as model_preset
 from xmask3d.network.model import build_model
 
 NEG = -1e10
 LOG_FLOOR = 1e-30
+
+# Views with more visible points than this are skipped at evaluation (the official `val_keep`,
+# XMASK3D_SPEC.md §5 table): 1e7 (no cap in practice) on four ScanNet benchmarks, 65000 on B12N7.
+# Benchmarks without an official config (S3DIS) keep the training cap, 65000.
+VAL_KEEP = {"scannet20-b15n4": 10_000_000, "scannet20-b12n7": 65_000, "scannet20-b10n9": 10_000_000,
+            "scannet200-b170n30": 10_000_000, "scannet200-b150n50": 10_000_000}
+DEFAULT_VAL_KEEP = 65_000
+
+
+def eval_max_points(benchmark: str) -> int:
+    """The evaluation's visible-point cap of a view for ``benchmark`` (official ``val_keep``)."""
+    return VAL_KEEP.get(benchmark, DEFAULT_VAL_KEEP)
 
 
 def geometric_ensemble(prob: torch.Tensor, prob_clip: torch.Tensor, covered: torch.Tensor,
@@ -123,15 +136,19 @@ class LoadedModel:
     image_size: tuple[int, int] = (320, 240)
     checkpoint: Path | None = None
     run_id: str | None = None
+    random_parts: tuple[str, ...] = ()  # paper parts with random weights (network.config.missing_pretrained)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
 
-def load_model_for_inference(checkpoint: Path, device: str | torch.device | None = None) -> LoadedModel:
+def load_model_for_inference(checkpoint: Path, device: str | torch.device | None = None,
+                             allow_random: bool = True, source: str | None = None) -> LoadedModel:
     """Rebuild the model from the checkpoint's recorded ModelConfig (switches included; the
-    preset name only for checkpoints that record none) and load its weights."""
+    preset name only for checkpoints that record none) and load its weights. With
+    ``allow_random=False`` a ``paper`` model whose Stable Diffusion / CLIP weights would be random
+    (trained with --random-init, or its weight files missing here) is an InputError naming them."""
 
     payload = load_checkpoint(checkpoint)
     text = payload.get("text_encoder") or {}
@@ -144,6 +161,10 @@ def load_model_for_inference(checkpoint: Path, device: str | torch.device | None
     else:
         model_cfg = model_preset(payload["preset"], sd_dir=weights.get("sd_dir"),
                                  clip_checkpoint=weights.get("clip_checkpoint"))
+    random_parts = missing_pretrained(model_cfg)
+    if random_parts and not allow_random:
+        raise InputError(f"{source or checkpoint}: {model_cfg.name} model with random weights: "
+                         f"{'; '.join(random_parts)} (pass --random-init to evaluate it anyway)")
     model = build_model(model_cfg, int(text["dim"]))
     load_model_state(model, payload["model"], pretrained_prefixes(model))
     model.to(device).eval()
@@ -151,7 +172,7 @@ def load_model_for_inference(checkpoint: Path, device: str | torch.device | None
     return LoadedModel(model=model, encoder=build_text_encoder(text["spec"]), preset=payload["preset"],
                        benchmark=payload["benchmark"], voxel_size=float(train_cfg.get("voxel_size", 0.02)),
                        image_size=tuple(train_cfg.get("image_size", (320, 240))), checkpoint=Path(checkpoint),
-                       run_id=payload.get("run_id"))
+                       run_id=payload.get("run_id"), random_parts=tuple(random_parts))
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +233,8 @@ def predict_scenes(loaded: LoadedModel, store_path: Path, bench: Benchmark, scen
     """Per-view inference over the views of each scene, votes across views, nearest fill."""
 
     dataset = SceneViewDataset(store_path, bench.name, split="val", mode="eval", voxel_size=loaded.voxel_size,
-                               image_size=loaded.image_size, scenes=scene_ids)
+                               image_size=loaded.image_size, scenes=scene_ids,
+                               max_points=eval_max_points(bench.name))
     if max_views:
         counts: dict[str, int] = {}
         kept = []
@@ -229,8 +251,7 @@ def predict_scenes(loaded: LoadedModel, store_path: Path, bench: Benchmark, scen
     by_scene: dict[str, list[int]] = {}
     for i, (scene_id, _) in enumerate(dataset.items):
         by_scene.setdefault(scene_id, []).append(i)
-    bar = tqdm(total=len(dataset.items), desc=f"evaluate {bench.name}", unit="view",
-               disable=not show_progress)
+    bar = view_bar(len(dataset.items), f"evaluate {bench.name}", show_progress)
     for scene_id in scene_ids:
         xyz = store.scene(scene_id)["points/xyz"][:]
         votes = {h: VoteAccumulator(len(xyz), bench.num_classes) for h in HEADS}
@@ -257,4 +278,4 @@ def predict_scene(loaded: LoadedModel, store_path: Path, scene_id: str, benchmar
     store = open_store(store_path)
     if scene_id not in store.scene_ids():
         raise InputError(f"{store_path}: no scene {scene_id!r}")
-    return next(predict_scenes(loaded, Path(store_path), bench, [scene_id], show_progress=False))
+    return next(predict_scenes(loaded, as_path(store_path), bench, [scene_id], show_progress=False))

@@ -13,16 +13,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
+import logging
 import math
 import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import mlflow
 import mlflow.artifacts
@@ -33,9 +36,12 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from storage.errors import InputError
+from storage.objects import as_path
+from storage.redact import redact, redact_url, secrets_in_url, split_userinfo
 from xmask3d.engine.checkpoint import LAST_NAME
 from xmask3d.engine.predict import load_model_for_inference, predict_scene
 
+log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -70,27 +76,43 @@ def artifact_root_for(uri: str) -> str | None:
     return (db.resolve().parent / "mlartifacts").as_uri()
 
 
+def _health_request(uri: str) -> urllib.request.Request:
+    """GET <uri>/health, with user-info of the URI (``user:token@``) sent as basic auth, not in the URL."""
+    bare, auth = split_userinfo(uri)
+    parts = urlsplit(bare)
+    health = parts.path.rstrip("/") + "/health"
+    request = urllib.request.Request(urlunsplit((parts.scheme, parts.netloc, health, "", "")))
+    if auth:
+        request.add_header("Authorization", auth)
+    return request
+
+
 def check_tracking_available(uri: str, timeout: float = 5.0) -> None:
-    """Fail early (InputError) when the tracking backend cannot be used, before any training."""
+    """Fail early (InputError) when the tracking backend cannot be used, before any training.
+
+    Messages show the URI with its credentials (``user:token@``, query values) redacted.
+    """
     scheme = urlparse(uri).scheme
+    shown = redact_url(uri)
     if scheme in ("http", "https"):
-        health = uri.rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310 - user URI
+            with urllib.request.urlopen(_health_request(uri), timeout=timeout) as response:  # noqa: S310
                 if response.status != 200:
-                    raise InputError(f"MLflow tracking server {uri}: /health answered {response.status}")
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise InputError(f"MLflow tracking server {uri} is not reachable ({reason}); start it or set "
-                             "MLFLOW_TRACKING_URI") from error
+                    raise InputError(f"MLflow tracking server {shown}: /health answered {response.status}")
+        except urllib.error.HTTPError as error:
+            raise InputError(f"MLflow tracking server {shown}: /health answered {error.code}") from None
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
+            reason = redact(str(getattr(error, "reason", error)), secrets_in_url(uri))
+            raise InputError(f"MLflow tracking server {shown} is not reachable ({reason}); start it or set "
+                             "MLFLOW_TRACKING_URI") from None
         return
     db = _sqlite_path(uri)
     if db is not None:
         parent = db.resolve().parent
         if not parent.is_dir():
-            raise InputError(f"{uri}: directory {parent} for the MLflow database does not exist")
+            raise InputError(f"{shown}: directory {parent} for the MLflow database does not exist")
         if not os.access(parent, os.W_OK):
-            raise InputError(f"{uri}: directory {parent} for the MLflow database is not writable")
+            raise InputError(f"{shown}: directory {parent} for the MLflow database is not writable")
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -122,10 +144,19 @@ class RunTracker:
         else:
             try:
                 run = self.client.get_run(run_id)
-            except MlflowException as error:
-                raise InputError(f"MLflow run {run_id} not found at {self.tracking_uri}") from error
+            except MlflowException:
+                raise InputError(f"MLflow run {run_id} not found at {redact_url(self.tracking_uri)}") \
+                    from None
             self.run_id = run.info.run_id
+            previous = run.info.status
+            if previous == "RUNNING":  # the attempt before was killed (SIGKILL, power loss) mid-run
+                log.warning("MLflow run %s was still RUNNING: its previous attempt ended without saying so "
+                            "(killed); resuming it", self.run_id)
+            resumes = int(run.data.tags.get("resume.count", "0")) + 1
+            self.set_tags({"resume.count": resumes, f"resume.{resumes}.previous_status": previous})
             self.client.update_run(self.run_id, status="RUNNING")
+        self._resumed = run_id is not None
+        self._logged_before: dict[str, int] = {}  # resumed run: metric -> last step logged before
 
     @property
     def artifact_uri(self) -> str:
@@ -143,10 +174,19 @@ class RunTracker:
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
+    def _last_step_before(self, key: str) -> int:
+        """The last step of ``key`` logged before this attempt (-1 for a new run or a new metric)."""
+        if key not in self._logged_before:
+            history = self.client.get_metric_history(self.run_id, key) if self._resumed else []
+            self._logged_before[key] = max((m.step for m in history), default=-1)
+        return self._logged_before[key]
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log ``metrics`` at ``step``. A resumed run skips steps its killed attempt already logged
+        (it logged past its last checkpoint; the resumed values are the same, bit for bit)."""
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
-                 if v is not None and math.isfinite(float(v))]
+                 if v is not None and math.isfinite(float(v)) and int(step) > self._last_step_before(k)]
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
 
@@ -188,7 +228,8 @@ def download_run_checkpoint(tracking_uri: str | None, run_id: str, dst: Path) ->
     try:
         local = client.download_artifacts(run_id, "checkpoints/last.pt", str(dst))
     except (MlflowException, OSError) as error:
-        raise InputError(f"MLflow run {run_id}: no checkpoints/last.pt artifact ({error})") from error
+        reason = redact(str(error), secrets_in_url(client.tracking_uri))
+        raise InputError(f"MLflow run {run_id}: no checkpoints/last.pt artifact ({reason})") from None
     return Path(local)
 
 
@@ -214,7 +255,7 @@ class XMask3DPyfunc(mlflow.pyfunc.PythonModel):
         frames = []
         for row in model_input.to_dict("records"):
             benchmark = row.get("benchmark") or self.loaded.benchmark
-            result = predict_scene(self.loaded, Path(row["store_path"]), str(row["scene_id"]), benchmark)
+            result = predict_scene(self.loaded, as_path(row["store_path"]), str(row["scene_id"]), benchmark)
             frames.append(pd.DataFrame({
                 "scene_id": row["scene_id"],
                 "point_index": range(len(result.labels)),
@@ -222,6 +263,20 @@ class XMask3DPyfunc(mlflow.pyfunc.PythonModel):
                 "class_name": [result.class_names[i] for i in result.labels],
             }))
         return pd.concat(frames, ignore_index=True)
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Raise the named loggers to ERROR for the block (expected, harmless warnings)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def register_model(tracking_uri: str | None, run_id: str, benchmark: str, checkpoint: Path,
@@ -235,7 +290,9 @@ def register_model(tracking_uri: str | None, run_id: str, benchmark: str, checkp
     name = registered_model_name(benchmark)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _quiet("mlflow.pyfunc", "mlflow.models"):
+        # quiet: MLflow warns that the python_model object is pickled (it holds no state: the
+        # checkpoint is an artifact) and that no signature was inferred (inputs are free-form rows)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=XMask3DPyfunc(), artifacts={"checkpoint": str(checkpoint)},
             registered_model_name=name,
@@ -300,8 +357,10 @@ def resolve_model(model: str, tracking_uri: str | None, download_dir: Path) -> t
             mlflow.set_registry_uri(uri)
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(download_dir)))
         except (MlflowException, ValueError) as error:
-            raise InputError(f"model {model}: not found in the registry at {uri} ({error})") from error
-        found = sorted(local.rglob(LAST_NAME))
+            reason = redact(str(error), secrets_in_url(uri))
+            raise InputError(f"model {model}: not found in the registry at {redact_url(uri)} ({reason})") \
+                from None
+        found = sorted(local.rglob("*.pt"))  # the registered checkpoint: best.pt or last.pt
         if not found:
             raise InputError(f"model {model}: no checkpoint among its artifacts")
         return found[0], version.run_id

@@ -17,12 +17,18 @@ DDP: launched by ``torchrun`` (WORLD_SIZE > 1), NCCL on CUDA and gloo on CPU, a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
 import random
-from collections.abc import Callable, Mapping
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +40,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
 
 from preprocessing.text import build_text_encoder
 from storage.benchmarks import get_benchmark
 from storage.dataset import SceneViewDataset, collate_scenes
 from storage.errors import InputError
+from storage.objects import as_path
 from storage.store import open_store
 from xmask3d.engine import tracking
 from xmask3d.engine.checkpoint import (
@@ -53,9 +59,17 @@ from xmask3d.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from xmask3d.engine.evaluate import evaluate_loaded, evaluation_protocol, log_evaluation
+from xmask3d.engine.evaluate import (
+    as_percent,
+    evaluate_loaded,
+    evaluation_protocol,
+    log_evaluation,
+    validate,
+    validation_set,
+)
 from xmask3d.engine.predict import LoadedModel
-from xmask3d.network.config import SWITCHES, check_switches, with_switches
+from xmask3d.engine.progress import TrainProgress
+from xmask3d.network.config import SWITCHES, check_switches, missing_pretrained, with_switches
 from xmask3d.network.config import preset as model_preset
 from xmask3d.network.losses import compute_losses
 from xmask3d.network.model import build_model
@@ -92,7 +106,12 @@ class TrainConfig:
     ply_scenes: int = 3  # scenes exported as coloured PLY (prediction vs ground truth)
     contra_start_epoch: int | None = None  # None = the benchmark's (50 / 75 epochs)
     torch_threads: int = 0  # > 0: torch.set_num_threads (intra-op threads); 0 = torch's default
-    augment: bool = False  # the official voxeliser rotation/scale of the 3D input (storage.dataset)
+    # training augmentation of the 3D input, the official recipe (storage.dataset): voxeliser rotation
+    # (z ~ U(±pi), x/y ~ U(±pi/64)) and scale U(0.9, 1.1), then a random integer voxel shift U{0..99}
+    augment: bool = False
+    val_every: int = 0  # epochs between validations on `val_views` fixed views (0 = none); also at the end
+    val_views: int = 64  # size of the fixed validation subset (round-robin over the val scenes)
+    progress_every_s: float = 60.0  # seconds between plain progress lines when stderr is not a terminal
     # torch.compile the 2D heads (pixel decoder, transformer decoder, feature projections); the
     # first steps pay the compilation (docs/benchmarks.md, training step)
     compile: bool = False
@@ -104,11 +123,15 @@ class TrainConfig:
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     # The official recipe: 150 epochs, loop 16, 16 scenes per GPU (x4 GPUs = 64), no warm-up,
     # no clipping, no AMP, cosine per iteration, seed 5557.
+    # Voxeliser augmentation and voxel shift on (official). Validation every 5 epochs on 312 views
+    # (one per ScanNet val scene; the official code validates one view per scene every epoch).
     "paper": TrainConfig(preset="paper", epochs=150, loop=16, batch_size=16, warmup_iters=0,
-                         grad_clip=0.0, amp=False, checkpoint_every=2000, num_workers=4, log_every=20),
+                         grad_clip=0.0, amp=False, checkpoint_every=2000, num_workers=4, log_every=20,
+                         augment=True, val_every=5, val_views=312),
     # One GPU with a reduced model: bf16, short warm-up and clipping for stability.
     "small": TrainConfig(preset="small", epochs=50, loop=8, batch_size=8, warmup_iters=200,
-                         grad_clip=1.0, amp=True, checkpoint_every=1000, num_workers=4, log_every=10),
+                         grad_clip=1.0, amp=True, checkpoint_every=1000, num_workers=4, log_every=10,
+                         augment=True, val_every=5, val_views=128),
     # CPU tests and the demo: minutes on 2 cores. The random-init model learns faster with a
     # larger lr on the non-3D parts than the pretrained-weights recipe.
     # 6 epochs x loop 16 over the demo's 3 training scenes = 144 steps; the mask regularisation
@@ -117,7 +140,8 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # step with 1 thread, 4-6 CPU-s with 2), see docs/benchmarks.md.
     "tiny": TrainConfig(preset="tiny", epochs=6, loop=16, batch_size=2, lr_3d=3e-3, lr_other=1e-3,
                         warmup_iters=10, grad_clip=5.0, amp=False, checkpoint_every=24, num_workers=0,
-                        log_every=1, eval_max_views=0, ply_scenes=2, contra_start_epoch=2, torch_threads=1),
+                        log_every=1, eval_max_views=0, ply_scenes=2, contra_start_epoch=2, torch_threads=1,
+                        val_every=2, val_views=8),
 }
 
 
@@ -268,9 +292,9 @@ class FitResult:
     last_losses: dict[str, float]
 
 
-# Batch keys that stay on the host: the per-sample layout (cumulative point counts), read on the
-# host to slice the batch per sample without a device read.
-HOST_KEYS = frozenset({"offset"})
+# Batch keys that stay on the host: the per-sample layout (cumulative point counts) and which
+# samples carry a 2D label image, read on the host without a device read.
+HOST_KEYS = frozenset({"offset", "has_label_2d"})
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -350,7 +374,9 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
         cfg: TrainConfig, *, is_3d: Callable[[str], bool], checkpoint_dir: Path,
         meta: Mapping[str, Any] | None = None, resume: Mapping[str, Any] | None = None,
         on_log: Callable[[dict[str, float], int], None] | None = None,
-        info: DistInfo | None = None, skip_prefixes: tuple[str, ...] = ()) -> FitResult:
+        info: DistInfo | None = None, skip_prefixes: tuple[str, ...] = (),
+        on_epoch_end: Callable[[int, int, bool], None] | None = None,
+        logger: logging.Logger | logging.LoggerAdapter | None = None) -> FitResult:
     """Train `model` on `dataset` with `loss_fn(model, batch, epoch) -> {"loss": total, term: value}`.
 
     `model` must already be seeded/initialised identically on every rank; `resume` is a
@@ -358,7 +384,10 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
     (`<checkpoint_dir>/last.pt`) are written every `cfg.checkpoint_every` steps, at each epoch end
     and at the end, by rank 0, with `meta` (preset, benchmark, text encoder, ...) included.
     State-dict keys starting with `skip_prefixes` (frozen weights loaded from pretrained files)
-    are left out of checkpoints.
+    are left out of checkpoints. ``on_epoch_end(epoch, step, final)`` runs on every rank after an
+    epoch's checkpoint and after the last step (``final``), e.g. validation. Progress
+    (``xmask3d.engine.progress``): a bar on a terminal, else plain lines through ``logger`` every
+    ``cfg.progress_every_s`` seconds and per epoch (default logger: this module's).
     """
     info = info or DistInfo()
     device = info.device
@@ -430,6 +459,8 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
             })
         _barrier(info)
 
+    progress = TrainProgress(total_steps, step, iters_per_epoch, cfg.epochs, logger=logger or log,
+                             enabled=info.is_main, interval_s=cfg.progress_every_s)
     model.train()
     while step < total_steps:
         epoch = step // iters_per_epoch
@@ -444,9 +475,8 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
         sums: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main,
-                   initial=offset, total=iters_per_epoch, leave=False)
-        for batch in bar:
+        progress.start_epoch(epoch, offset)
+        for batch in loader:
             values = train_step(train_model, batch, epoch, loss_fn, optimizer, device=device,
                                 grad_clip=cfg.grad_clip, amp=use_amp)
             nonfinite.add_(~torch.isfinite(values["loss/loss"]))  # read at the next transfer
@@ -457,19 +487,19 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
                 sums[key] = sums.get(key, 0.0) + value
             if step % cfg.log_every == 0 or step == total_steps:  # the one transfer to the host
                 last = {**transfer(values), **lrs, "epoch": step / iters_per_epoch}
-                bar.set_postfix(loss=f"{last['loss/loss']:.3f}")
                 if on_log is not None and info.is_main:
                     on_log(last, step)
+            progress.update(step, last)  # the values of the last transfer
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save()
-        bar.close()
         count = max(1, len(batches))
-        if info.is_main:
-            log.info("epoch %d/%d step %d: loss %.4f", epoch + 1, cfg.epochs, step,
-                     sums.get("loss/loss", float("nan")) / count)
+        progress.end_epoch(epoch, step, float(sums.get("loss/loss", float("nan"))) / count, last)
         if step % iters_per_epoch == 0 or step == total_steps:
             if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 save()
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, step, step == total_steps)
+    progress.close()
     if written is None and info.is_main and ckpt_path.is_file():
         written = ckpt_path
     return FitResult(step=step, checkpoint_path=written, last_losses=last)
@@ -561,7 +591,8 @@ def check_text_encoder(store_path: Path, store: StoreInfo, encoder: Any) -> None
 def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConfig | None = None,
           tracking_uri: str | None = None, resume: str | Path | None = None, sd_dir: str | Path | None = None,
           clip_checkpoint: str | Path | None = None, switches: Mapping[str, bool] | None = None,
-          caption_supervision: str | None = None, loss_overrides: Mapping[str, Any] | None = None
+          caption_supervision: str | None = None, loss_overrides: Mapping[str, Any] | None = None,
+          random_init: bool = False, logger: logging.Logger | logging.LoggerAdapter | None = None
           ) -> TrainResult:
     """Train XMask3D on `benchmark` from the store, evaluate, log to MLflow, register the model.
 
@@ -574,19 +605,28 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
     resumed checkpoint must have the same switches. ``caption_supervision`` ("official", "region",
     "official+region"; None = the preset's) selects the caption losses (docs/openvocab.md);
     ``loss_overrides`` sets other ``LossConfig`` fields (e.g. ``{"region_pooling": "mean"}``).
+    The ``paper`` preset refuses to train with random Stable Diffusion / CLIP weights (a missing
+    folder or file is an InputError naming it) unless ``random_init`` is set; the run is then
+    tagged ``random_init=true``, and without the CLIP file the text space is the store's encoder.
+    Progress lines go to ``logger`` (the flows pass Prefect's run logger), else the module's.
     """
 
-    store_path = Path(store_path)
+    store_path = as_path(store_path)
     bench = get_benchmark(benchmark)
     cfg = cfg or train_preset(preset)
     if cfg.preset != preset:
         raise InputError(f"training config is for preset {cfg.preset!r}, not {preset!r}")
     model_cfg = with_switches(model_preset(preset, sd_dir=sd_dir, clip_checkpoint=clip_checkpoint),
                               **(switches or {}))
+    random_parts = missing_pretrained(model_cfg)
+    if random_parts and not random_init:
+        raise InputError(f"preset {preset!r} would train with random weights: {'; '.join(random_parts)} "
+                         "(pass --random-init to train so anyway)")
     if caption_supervision is not None:
         model_cfg = dataclasses.replace(model_cfg, caption_supervision=caption_supervision)
     weights = {"sd_dir": str(sd_dir) if sd_dir else None,
-               "clip_checkpoint": str(clip_checkpoint) if clip_checkpoint else None}
+               "clip_checkpoint": str(clip_checkpoint) if clip_checkpoint else None,
+               "random": random_parts}  # paper parts with random weights (--random-init)
     loss_cfg = model_cfg.loss.with_benchmark(bench)
     if cfg.contra_start_epoch is not None:
         loss_cfg = dataclasses.replace(loss_cfg, contra_start_epoch=cfg.contra_start_epoch)
@@ -600,7 +640,10 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
         except ValueError as error:
             raise InputError(str(error)) from error
     model_cfg = dataclasses.replace(model_cfg, loss=loss_cfg)  # forward and losses agree on the recipe
-    store = check_store(store_path, bench, need_val=cfg.evaluate, need_regions=loss_cfg.region_captions)
+    store = check_store(store_path, bench, need_val=cfg.evaluate or cfg.val_every > 0,
+                        need_regions=loss_cfg.region_captions)
+    if random_init and model_cfg.clip.checkpoint is None and model_cfg.text_encoder.startswith("openclip:"):
+        model_cfg = dataclasses.replace(model_cfg, text_encoder=random_init_text_encoder(store_path, store))
     info = init_distributed()
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if info.is_main:
@@ -621,8 +664,11 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
 
     run = None
     if info.is_main:
-        run = tracking.RunTracker(uri, benchmark, run_id=run_id, run_name=f"{benchmark}-{preset}",
-                                  tags={"preset": preset, "store": str(store_path.resolve())})
+        tags = {"preset": preset, "store": str(store_path.resolve())}
+        if random_init:
+            tags["random_init"] = "true"
+            tags["random_init.parts"] = "; ".join(random_parts) or "none (every pretrained weight present)"
+        run = tracking.RunTracker(uri, benchmark, run_id=run_id, run_name=f"{benchmark}-{preset}", tags=tags)
         run.log_params({"train": cfg.to_dict(), "model": dataclasses.asdict(model_cfg),
                         "protocol": evaluation_protocol(bench, cfg.eval_max_views, encoder.name),
                         "data": {"store": str(store_path.resolve()), "benchmark": benchmark,
@@ -631,13 +677,46 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
                         "world_size": info.world_size})
     run_id = _broadcast(run.run_id if run else None, info)
     try:
-        result = _train_model(store_path, bench, preset, cfg, model_cfg, encoder, info, run, run_id,
-                              checkpoint_root / run_id, payload, weights)
-    except BaseException:
+        with _terminate_raises():
+            result = _train_model(store_path, bench, preset, cfg, model_cfg, encoder, info, run, run_id,
+                                  checkpoint_root / run_id, payload, weights, logger or log)
+    except BaseException as error:  # the run must not stay RUNNING; only SIGKILL leaves it so
         if run is not None:
-            run.end("FAILED")
+            run.end("KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED")
         raise
     return result
+
+
+def random_init_text_encoder(store_path: Path, store: StoreInfo) -> str:
+    """``paper`` with ``--random-init`` and no CLIP file: the text space is the store's encoder,
+    which must be one that needs no weights file (the store's captions were embedded with it)."""
+    if store.text_encoder in ("minilm", "openclip-tiny"):
+        log.warning("random-init paper model without a CLIP checkpoint: class names and captions use the "
+                    "store's text encoder %s", store.text_encoder)
+        return store.text_encoder
+    raise InputError(f"{store_path}: captions were embedded with {store.text_encoder}, whose weights file "
+                     "the paper text encoder needs even with --random-init (give --clip-checkpoint)")
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """SIGTERM (a worker or torchrun stopping us) raises SystemExit(143), so cleanup runs.
+
+    Only in the main thread and only where SIGTERM still has its default action.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def is_3d_parameter(name: str) -> bool:
@@ -646,9 +725,89 @@ def is_3d_parameter(name: str) -> bool:
     return name.startswith(("backbone3d.", "binary_head."))
 
 
+BEST_NAME = "best.pt"  # the checkpoint with the best validation score, beside last.pt
+BEST_RECORD = "best.json"  # {"step", "metric", "value"} of best.pt (read back on resume)
+
+
+def _read_best(checkpoint_dir: Path) -> dict[str, Any] | None:
+    path = checkpoint_dir / BEST_RECORD
+    if not (path.is_file() and (checkpoint_dir / BEST_NAME).is_file()):
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return {"step": int(record["step"]), "metric": str(record["metric"]), "value": float(record["value"])}
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s: unreadable, the best checkpoint is chosen anew", path)
+        return None
+
+
+def _keep_best(checkpoint_dir: Path, record: dict[str, Any]) -> None:
+    """Copy last.pt to best.pt and write its record, each atomically (temp file + rename)."""
+    tmp = checkpoint_dir / (BEST_NAME + ".tmp")
+    shutil.copyfile(checkpoint_dir / LAST_NAME, tmp)
+    os.replace(tmp, checkpoint_dir / BEST_NAME)
+    tmp_record = checkpoint_dir / (BEST_RECORD + ".tmp")
+    tmp_record.write_text(json.dumps(record))
+    os.replace(tmp_record, checkpoint_dir / BEST_RECORD)
+
+
+class Validator:
+    """Validation every ``cfg.val_every`` epochs (and after the last step) on a fixed subset of
+    validation views; logs ``val/<head>/<metric>`` (%) at the training step and keeps ``best.pt``.
+
+    The best model is the one with the highest primary score (``ValidationSet.primary``: fused hIoU
+    when the subset shows novel classes, else fused mIoU over all classes); NaN never wins.
+    Runs on rank 0 (the others wait at a barrier); the RNG states are restored afterwards so
+    validation changes nothing in the training that follows.
+    """
+
+    def __init__(self, cfg: TrainConfig, store_path: Path, bench: Any, loaded: Any, checkpoint_dir: Path,
+                 run: Any, info: DistInfo, logger: logging.Logger | logging.LoggerAdapter) -> None:
+        self.cfg, self.store_path, self.bench, self.loaded = cfg, store_path, bench, loaded
+        self.checkpoint_dir, self.run, self.info, self.logger = checkpoint_dir, run, info, logger
+        self.views = validation_set(store_path, bench.name, cfg.val_views, seed=cfg.seed) \
+            if info.is_main else None
+        self.best = _read_best(checkpoint_dir) if info.is_main else None
+        if self.best is not None and self.views is not None and self.best["metric"] != self.views.primary:
+            self.best = None
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    def __call__(self, epoch: int, step: int, final: bool) -> None:
+        """After an epoch (or the last step): validate when due."""
+        if not (final or (epoch + 1) % self.cfg.val_every == 0):
+            return
+        if self.info.is_main:
+            self._validate(epoch, step)
+        _barrier(self.info)
+
+    def _validate(self, epoch: int, step: int) -> None:
+        rng = capture_rng_state()
+        started = time.monotonic()
+        try:
+            metrics = validate(self.loaded, self.store_path, self.bench.name, self.views)
+        finally:
+            restore_rng_state(rng)
+        self.history.append((step, metrics))
+        primary = self.views.primary
+        value = metrics.get(primary, math.nan)
+        improved = math.isfinite(value) and (self.best is None or value > self.best["value"])
+        if improved:
+            self.best = {"step": step, "metric": primary, "value": value}
+            _keep_best(self.checkpoint_dir, self.best)
+        if self.run is not None:
+            self.run.log_metrics({f"val/{k}": v for k, v in as_percent(metrics).items()}, step=step)
+        self.logger.info("validation at epoch %d step %d (%d views, %.1f s): %s %.1f %%, mIoU base %.1f %%, "
+                         "novel %.1f %%%s", epoch + 1, step, len(self.views.items),
+                         time.monotonic() - started, primary, 100 * value,
+                         100 * metrics.get("fused/miou_base", math.nan),
+                         100 * metrics.get("fused/miou_novel", math.nan),
+                         " (best so far)" if improved else "")
+
+
 def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, model_cfg: Any, encoder: Any,
                  info: DistInfo, run: Any, run_id: str, checkpoint_dir: Path,
-                 payload: dict[str, Any] | None, weights: dict[str, str | None]) -> TrainResult:
+                 payload: dict[str, Any] | None, weights: dict[str, Any],
+                 logger: logging.Logger | logging.LoggerAdapter) -> TrainResult:
 
     seed_everything(cfg.seed)
     # the null class starts at the text embedding of "" (official), in the run's text space
@@ -669,25 +828,45 @@ def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, mo
             "text_encoder": {"name": encoder.name, "dim": encoder.dim, "spec": model_cfg.text_encoder},
             "model_config": dataclasses.asdict(model_cfg), "pretrained": weights}
     on_log = run.log_metrics if run is not None else None
+    loaded = LoadedModel(model, encoder, preset, bench.name, cfg.voxel_size, cfg.image_size,
+                         checkpoint_dir / LAST_NAME, run_id)
+    skip = pretrained_prefixes(model)
+    validator = None
+    if cfg.val_every > 0:
+        validator = Validator(cfg, store_path, bench, loaded, checkpoint_dir, run, info, logger)
     fitted = fit(model, dataset, collate_scenes, loss_fn, cfg, is_3d=is_3d_parameter,
                  checkpoint_dir=checkpoint_dir, meta=meta, resume=payload, on_log=on_log, info=info,
-                 skip_prefixes=pretrained_prefixes(model))
+                 skip_prefixes=skip, on_epoch_end=validator, logger=logger)
     ckpt = checkpoint_dir / LAST_NAME
     metrics: dict[str, float] = {}
     model_uri = version = evaluation = None
     if info.is_main:
         run.log_artifact(ckpt, "checkpoints")
+        best = validator.best if validator is not None else None
+        chosen = ckpt
+        if best is not None:
+            run.log_artifact(checkpoint_dir / BEST_NAME, "checkpoints")
+            run.set_tags({"best.step": best["step"], "best.metric": f"val/{best['metric']}",
+                          "best.value": f"{100 * best['value']:.2f} %"})
+            if best["step"] != fitted.step:  # evaluate and register the best model, not the last
+                load_model_state(model, load_checkpoint(checkpoint_dir / BEST_NAME)["model"], skip)
+                chosen = checkpoint_dir / BEST_NAME
+        loaded.checkpoint = chosen
         if cfg.evaluate:
-            loaded = LoadedModel(model, encoder, preset, bench.name, cfg.voxel_size, cfg.image_size, ckpt,
-                                 run_id)
             evaluation = evaluate_loaded(loaded, store_path, bench.name, max_views=cfg.eval_max_views,
-                                         ply_scenes=cfg.ply_scenes)
-            log_evaluation(run, evaluation, step=fitted.step)
+                                         ply_scenes=cfg.ply_scenes, logger=logger,
+                                         interval_s=cfg.progress_every_s)
+            header = (f"Model: `{chosen.name}` of step {best['step'] if best else fitted.step}"
+                      + (f", the best by val/{best['metric']} ({100 * best['value']:.1f} %) over "
+                         f"{len(validator.views.items)} fixed validation views every {cfg.val_every} epochs "
+                         "(chart `val/*`)" if best else " (the last step)")
+                      + f"; trained {fitted.step} steps (charts `loss/*`, `lr/*`).")
+            log_evaluation(run, evaluation, step=fitted.step, header=header)
             metrics = evaluation.metrics
-            version = tracking.register_model(run.tracking_uri, run_id, bench.name, ckpt,
+            version = tracking.register_model(run.tracking_uri, run_id, bench.name, chosen,
                                               hiou=metrics.get("fused/hiou"))
             model_uri = f"models:/{tracking.registered_model_name(bench.name)}/{version}"
-        run.set_tags({"steps": fitted.step})
+        run.set_tags({"steps": fitted.step, "registered_checkpoint": chosen.name})
         run.end()
     # no barrier here: evaluating a large validation set on rank 0 may outlast the collective timeout
     return TrainResult(run_id=run_id, checkpoint_path=ckpt, model_uri=model_uri, metrics=metrics,

@@ -232,12 +232,15 @@ def preset(
     name: str, sd_dir: str | Path | None = None, clip_checkpoint: str | Path | None = None
 ) -> ModelConfig:
     """The named preset. For ``paper``, ``sd_dir`` (a diffusers SD 1.x folder) and
-    ``clip_checkpoint`` (open_clip ViT-L/14 OpenAI weights) load the pretrained parts."""
+    ``clip_checkpoint`` (open_clip ViT-L/14 OpenAI weights; default ``PAPER_CLIP_CHECKPOINT`` when
+    that file exists) load the pretrained parts; :func:`missing_pretrained` says what is absent."""
     if name not in PRESETS:
         raise InputError(f"unknown model preset {name!r} (expected one of {list(PRESETS)})")
     if name != "paper" and (sd_dir is not None or clip_checkpoint is not None):
         raise InputError(f"preset {name!r} is random-init; sd_dir / clip_checkpoint apply to 'paper' only")
     if name == "paper":
+        if clip_checkpoint is None and Path(PAPER_CLIP_CHECKPOINT).is_file():
+            clip_checkpoint = PAPER_CLIP_CHECKPOINT  # one file for the image and the text tower
         mask_generator = MaskGeneratorConfig.paper(sd_dir)
         clip = ClipConfig.paper(clip_checkpoint)
         text = f"openclip:{PAPER_CLIP_MODEL}:{clip_checkpoint or PAPER_CLIP_CHECKPOINT}"
@@ -253,6 +256,30 @@ def preset(
         loss=loss_preset(name),
         text_encoder=text,
     )
+
+
+def missing_pretrained(cfg: ModelConfig) -> list[str]:
+    """What the ``paper`` preset's pretrained weights lack, one phrase per missing folder or file
+    (empty for the random-init presets by design, and for ``paper`` with every weight present).
+    Without these the SD UNet / VAE / empty-prompt context or the CLIP image tower are random."""
+    if cfg.name != "paper":
+        return []
+    missing = []
+    mg = cfg.mask_generator
+    if mg.unet_path is None:
+        missing.append("no Stable Diffusion 1.x folder (--sd-dir DIR with unet/, vae/, text_encoder/, "
+                       "tokenizer/)")
+    else:
+        for path, what in ((mg.unet_path, "config.json"), (mg.vae_path, "config.json"),
+                           (mg.text_encoder_path, "config.json"), (mg.tokenizer_path, "")):
+            if path is None or not (Path(path) / what).exists():
+                missing.append(f"{Path(str(path)) / what if what else path} not found")
+    if cfg.clip.checkpoint is None:
+        missing.append("no CLIP ViT-L/14 checkpoint (--clip-checkpoint FILE; default "
+                       f"{PAPER_CLIP_CHECKPOINT} not found)")
+    elif not Path(cfg.clip.checkpoint).exists():
+        missing.append(f"{cfg.clip.checkpoint} not found")
+    return missing
 
 
 def text_dim(spec: str) -> int:

@@ -20,9 +20,11 @@ name plus ``total`` = Σ weight·term (``loss_weights(cfg, ...)`` gives the weig
 Terms of a component switched off in ``ModelConfig`` (copied into ``LossConfig``:
 ``mask_regularization``, ``fusion``, ``binary_head``, ``caption_losses``) are absent from the result.
 
-2D ground truth: the store keeps per-point labels and their pixels but no label images, so the
-GT masks are built by splatting the base labels of the view's points into a label image at the
-mask resolution (``build_2d_targets``); see docs/model.md.
+2D ground truth: views of scenes with ScanNet 2D label images (``batch["label_2d"]``, flagged by
+``has_label_2d``) take their GT masks from the label image resized to the mask resolution with
+nearest neighbour (``label_image_targets``), as the official loader does; views without (a scene
+preprocessed without its ``_2d-label-filt.zip``, S3DIS) splat the base labels of the view's points
+into a label image at the mask resolution (``build_2d_targets``); see docs/model.md.
 """
 
 from __future__ import annotations
@@ -184,16 +186,64 @@ def build_2d_targets(
         nearby = -F.max_pool2d(-image.float(), 3, stride=1, padding=1)
         image = torch.where(image == empty, nearby.long(), image)
     image = image[:, 0].masked_fill(image[:, 0] == empty, num_classes)
-    present = image.new_zeros(batch_size, num_classes + 1, dtype=torch.bool)
+    return _segments(image, num_classes, null_segment)
+
+
+def _segments(image: torch.Tensor, num_classes: int, null_segment: bool) -> list[dict[str, torch.Tensor]]:
+    """Label images [B,h,w] (0..C, C = null) -> per view {labels (present, ascending), masks}."""
+    present = image.new_zeros(image.shape[0], num_classes + 1, dtype=torch.bool)
     present.scatter_(1, image.flatten(1), True)
     if not null_segment:
         present[:, num_classes] = False
     # One host read for the batch: the number of GT segments of each view sets the matching's shapes.
     host = present.cpu().numpy()
     targets = []
-    for b in range(batch_size):
+    for b in range(image.shape[0]):
         labels = torch.from_numpy(np.flatnonzero(host[b])).to(image.device, non_blocking=True)
         targets.append({"labels": labels, "masks": (image[b][None] == labels[:, None, None]).float()})
+    return targets
+
+
+def label_image_targets(
+    label_2d: torch.Tensor, num_classes: int, mask_size: tuple[int, int], null_segment: bool = True
+) -> list[dict[str, torch.Tensor]]:
+    """Per-view GT masks from 2D label images: label_2d [B,H,W] base labels (0..C−1, 255 = novel,
+    ignored or unannotated) resized to ``mask_size`` (h, w) with nearest neighbour (pixel centres);
+    every non-base pixel is the null class C, a GT mask of class C with ``null_segment`` (Q6).
+    -> per view {labels int64[M], masks float[M,h,w]}."""
+    image = F.interpolate(label_2d[:, None].float(), size=tuple(mask_size), mode="nearest-exact")
+    image = image[:, 0].long()
+    image = image.masked_fill(image >= num_classes, num_classes)
+    return _segments(image, num_classes, null_segment)
+
+
+def view_targets(
+    batch: dict[str, Any],
+    batch_size: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    mask_size: tuple[int, int],
+    cfg: LossConfig,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, torch.Tensor]]:
+    """The 2D GT of every view of a batch: from its label image where ``has_label_2d``, else
+    splatted from its points' base labels (``image_size`` (H, W) of ``uv``, masks at ``mask_size``)."""
+    label_base = batch["label_base"].to(device).long()
+    targets = build_2d_targets(
+        label_base,
+        batch["uv"].to(device),
+        batch["batch_index"].to(device),
+        batch_size,
+        num_classes,
+        image_size,
+        mask_size,
+        cfg.null_segment,
+        cfg.gt_fill_radius,
+    )
+    if "label_2d" in batch and bool(batch["has_label_2d"].any()):
+        dense = label_image_targets(batch["label_2d"].to(device), num_classes, mask_size, cfg.null_segment)
+        use = batch["has_label_2d"].tolist()
+        targets = [d if u else t for t, d, u in zip(targets, dense, use, strict=True)]
     return targets
 
 
@@ -585,7 +635,8 @@ def compute_losses(
 
     ``outputs`` is ``XMask3D.forward``'s dict (float32: the model casts its outputs); ``batch`` the
     collate output on the same device (label_base, binary, uv, batch_index, caption, has_caption;
-    ``offset`` on the host). The losses run in float32 with autocast off (as Mask2Former's criterion).
+    label_2d when collated from a store; ``offset`` and ``has_label_2d`` on the host). The losses run
+    in float32 with autocast off (as Mask2Former's criterion).
     """
     with torch.autocast(outputs["pred_logits"].device.type, enabled=False):
         return _compute_losses(outputs, batch, cfg, epoch)
@@ -595,19 +646,10 @@ def _compute_losses(outputs: dict[str, Any], batch: dict[str, Any], cfg: LossCon
                     ) -> dict[str, torch.Tensor]:
     pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
     batch_size, num_classes = pred_logits.shape[0], pred_logits.shape[-1] - 1
-    # the batch is on the device in its final dtypes (xmask3d.train.train_step); nothing is moved here
+    # the batch is on the device in its final dtypes (xmask3d.engine.train.train_step)
     batch_index, label_base = batch["batch_index"], batch["label_base"]
-    targets = build_2d_targets(
-        label_base,
-        batch["uv"],
-        batch_index,
-        batch_size,
-        num_classes,
-        tuple(outputs["image_size"]),
-        tuple(pred_masks.shape[-2:]),
-        cfg.null_segment,
-        cfg.gt_fill_radius,
-    )
+    image_size, mask_size = tuple(outputs["image_size"]), tuple(pred_masks.shape[-2:])
+    targets = view_targets(batch, batch_size, num_classes, image_size, mask_size, cfg, pred_logits.device)
     losses = SetCriterion(cfg)(pred_logits, pred_masks, targets, outputs.get("aux"))
     if cfg.fusion:
         losses["loss_3d"] = ce_3d(

@@ -1,0 +1,86 @@
+"""An interrupted training run in MLflow: never left RUNNING when it can be helped, and a resumed run
+logs each step of each metric once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from xmask3d.engine.checkpoint import load_checkpoint
+from xmask3d.engine.tracking import RunTracker
+
+BENCH = "scannet20-b15n4"
+
+
+def test_resumed_run_skips_steps_its_killed_attempt_logged(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = RunTracker(uri, BENCH)
+    for step in (1, 2, 3):  # the killed attempt logged step 3 after its last checkpoint (step 2)
+        first.log_metrics({"loss/loss": 1.0 / step, "lr/3d": 0.1}, step)
+    resumed = RunTracker(uri, BENCH, run_id=first.run_id)
+    for step in (3, 4):
+        resumed.log_metrics({"loss/loss": 1.0 / step, "lr/3d": 0.1, "grad_norm": 2.0}, step)
+    resumed.log_metrics({"eval/miou": 0.5}, 4)
+    client = MlflowClient(tracking_uri=uri)
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "loss/loss")) == [1, 2, 3, 4]
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "lr/3d")) == [1, 2, 3, 4]
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "grad_norm")) == [3, 4]
+    assert [m.step for m in client.get_metric_history(first.run_id, "eval/miou")] == [4]
+    tags = client.get_run(first.run_id).data.tags
+    assert tags["resume.count"] == "1" and tags["resume.1.previous_status"] == "RUNNING"
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, directory: Path, min_step: int) -> Path:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = list(directory.glob("*/last.pt"))
+        if found and load_checkpoint(found[0])["step"] >= min_step:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint at step >= {min_step} before the process ended")
+
+
+@pytest.mark.slow
+def test_sigterm_marks_killed_sigkill_is_recorded_at_resume_and_steps_log_once(synthetic_store, tmp_path):
+    xmask3d = str(Path(sys.executable).with_name("xmask3d"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "ckpt"
+    common = [xmask3d, "train", "--store", str(synthetic_store), "--benchmark", BENCH, "--preset", "tiny",
+              "--max-steps", "8", "--checkpoint-every", "1", "--no-evaluate", "--tracking-uri", uri,
+              "--checkpoint-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    client = MlflowClient(tracking_uri=uri)
+
+    def attempt(extra: list[str], min_step: int, sig: signal.Signals) -> tuple[str, int]:
+        proc = subprocess.Popen(common + extra, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            ckpt = _wait_for_checkpoint(proc, out, min_step)
+            os.kill(proc.pid, sig)
+        finally:
+            proc.wait(timeout=300)
+        return ckpt.parent.name, proc.returncode
+
+    run_id, code = attempt([], 2, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM
+    assert client.get_run(run_id).info.status == "KILLED"
+    again, code = attempt(["--resume", run_id], 4, signal.SIGKILL)
+    assert again == run_id and code == -signal.SIGKILL
+    assert client.get_run(run_id).info.status == "RUNNING"  # nothing can run after SIGKILL
+    done = subprocess.run(common + ["--resume", run_id], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resume.1.previous_status"] == "KILLED"
+    assert run.data.tags["resume.2.previous_status"] == "RUNNING"  # the SIGKILLed attempt, recorded
+    for key in run.data.metrics:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(1, 9)), key  # every step once, none twice
