@@ -96,3 +96,4 @@ def test_query_binary_mean_and_gating():
     # query 0 is base: novel column blocked; query 1 is novel: base and null columns blocked
     assert gated[0, 0].tolist() == [0, GATED, 0, 0]
     assert gated[0, 1].tolist() == [GATED, 0, GATED, GATED]
+

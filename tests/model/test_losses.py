@@ -175,9 +175,12 @@ def selection_case():
 def test_mask_selection_by_labels_keeps_top4_novel_and_top1_base():
     inside, binary, confidence = selection_case()
     chosen = select_masks(inside, binary, confidence, LossConfig())
-    assert chosen.tolist() == [7, 6, 5, 4, 1]  # mask 0 and 8 lose on confidence
+    assert chosen.nonzero()[:, 0].tolist() == [1, 4, 5, 6, 7]  # mask 0 and 8 lose on confidence
     stricter = select_masks(inside, binary, confidence, LossConfig(contra_top_novel=1, contra_base_min=500))
-    assert stricter.tolist() == [7]
+    assert stricter.nonzero()[:, 0].tolist() == [7]
+    # equal confidence: the lower query id wins (a stable sort)
+    tied = select_masks(inside, binary, torch.full((9,), 0.5), LossConfig(contra_top_novel=2))
+    assert tied.nonzero()[:, 0].tolist() == [0, 1, 4]
 
 
 def test_mask_regularisation_scores_mode_uses_no_labels_and_stops_gradient():
@@ -186,10 +189,7 @@ def test_mask_regularisation_scores_mode_uses_no_labels_and_stops_gradient():
     torch.manual_seed(0)
     feats = torch.randn(400, 6, requires_grad=True)
     clip = torch.randn(1, 9, 6, requires_grad=True)
-    batch_index = torch.zeros(400, dtype=torch.long)
-    loss, count = mask_regularisation(
-        point_probs, confidence[None], feats, clip, batch_index, binary, LossConfig()
-    )
+    loss, count = mask_regularisation(point_probs, confidence[None], feats, clip, [400], binary, LossConfig())
     assert count == 5
     inside_1 = inside[:, 1]
     one = 1 - torch.nn.functional.cosine_similarity(feats[inside_1].mean(0), clip[0, 1], dim=0)
@@ -199,13 +199,12 @@ def test_mask_regularisation_scores_mode_uses_no_labels_and_stops_gradient():
     # "scores": the binary head predicts base everywhere -> only the best base mask is selected
     scores = LossConfig(mask_selection="scores")
     loss_s, count_s = mask_regularisation(
-        point_probs, confidence[None], feats, clip, batch_index, torch.full((400,), 0.9), scores
+        point_probs, confidence[None], feats, clip, [400], torch.full((400,), 0.9), scores
     )
     assert count_s == 1 and float(loss_s.detach()) == pytest.approx(float(one.detach()), abs=1e-5)
     # nothing selected -> exactly 0
-    loss_0, count_0 = mask_regularisation(
-        point_probs * 0, confidence[None], feats, clip, batch_index, binary, LossConfig()
-    )
+    loss_0, count_0 = mask_regularisation(point_probs * 0, confidence[None], feats, clip, [400], binary,
+                                          LossConfig())
     assert count_0 == 0 and float(loss_0.detach()) == 0.0
 
 
@@ -228,3 +227,23 @@ def test_benchmark_recipe_and_weights():
     assert weights["loss_explicit_contra_2d_pre"] == 4 and weights["loss_binary"] == 16
     with pytest.raises(ValueError):
         LossConfig(mask_selection="oracle")
+
+
+def test_losses_without_valid_points_are_zero_with_finite_gradients():
+    """The loss terms use tensor ops instead of host branches: no valid point -> exact 0, no NaN."""
+    logits = torch.randn(4, 3, requires_grad=True)
+    ce = ce_3d(logits, torch.full((4,), IGNORE), 3, all_ignore_fallback=False)
+    binary = binary_loss(logits[:, 0], torch.full((4,), float(IGNORE)), 0.5)
+    feats = torch.randn(4, 5, requires_grad=True)
+    batch_index = torch.tensor([0, 0, 1, 1])
+    captions = torch.randn(2, 5)
+    none_captioned = caption_loss(feats, batch_index, captions, torch.zeros(2, dtype=torch.bool))
+    # view 1 has a caption but no selected point: only view 0 counts
+    partly = caption_loss(feats, batch_index, captions, torch.ones(2, dtype=torch.bool),
+                          select=torch.tensor([True, False, False, False]))
+    only_0 = 1 - torch.nn.functional.cosine_similarity(feats[0], captions[0], dim=0)
+    assert float(ce) == 0.0 and float(binary) == 0.0 and float(none_captioned) == 0.0
+    assert float(partly) == pytest.approx(float(only_0), abs=1e-6)
+    (ce + binary + none_captioned + partly).backward()
+    assert float(logits.grad.abs().sum()) == 0.0
+    assert torch.isfinite(feats.grad).all() and float(feats.grad[1:].abs().sum()) == 0.0

@@ -112,6 +112,9 @@ class TrainConfig:
     val_every: int = 0  # epochs between validations on `val_views` fixed views (0 = none); also at the end
     val_views: int = 64  # size of the fixed validation subset (round-robin over the val scenes)
     progress_every_s: float = 60.0  # seconds between plain progress lines when stderr is not a terminal
+    # torch.compile the 2D heads (pixel decoder, transformer decoder, feature projections); the
+    # first steps pay the compilation (docs/benchmarks.md, training step)
+    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -289,14 +292,76 @@ class FitResult:
     last_losses: dict[str, float]
 
 
+# Batch keys that stay on the host: the per-sample layout (cumulative point counts) and which
+# samples carry a 2D label image, read on the host without a device read.
+HOST_KEYS = frozenset({"offset", "has_label_2d"})
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors to `device` (non-blocking: the loader pins them when the device is a GPU), in the
+    dtypes the loader made (the model casts at its inputs); ``HOST_KEYS`` of a mapping stay."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: v if k in HOST_KEYS else _to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, list):
         return [_to_device(v, device) for v in batch]
     return batch
+
+
+def build_optimizer(groups: list[dict[str, Any]], betas: tuple[float, float] = (0.9, 0.999),
+                    weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW with the fused kernel: one kernel for every parameter, and no per-parameter host
+    reads of the step counters as the for-loop implementation does."""
+    return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, fused=True)
+
+
+@torch.no_grad()
+def clip_gradients(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients so their global L2 norm is at most `max_norm` (as
+    ``torch.nn.utils.clip_grad_norm_``) with multi-tensor kernels on every device; -> the norm
+    before clipping, a device tensor (nothing is read on the host)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
+def train_step(model: nn.Module, batch: Any, epoch: int, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+               *, device: torch.device, grad_clip: float = 0.0, amp: bool = False
+               ) -> dict[str, torch.Tensor]:
+    """One optimisation step: batch to the device, forward + losses (bf16 autocast with `amp`),
+    backward, optional clipping, optimizer step.
+
+    -> {"loss/<term>": value, "grad_norm": ...} as detached 0-d device tensors: the step reads
+    nothing on the host (a GPU never waits for Python), the caller transfers them with
+    :func:`host_values` every ``log_every`` steps.
+    """
+    with torch.profiler.record_function("step/transfer"):
+        batch = _to_device(batch, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+    with autocast:
+        losses = loss_fn(model, batch, epoch)
+    with torch.profiler.record_function("step/backward"):
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+    values = {f"loss/{k}": v.detach() for k, v in losses.items()}
+    with torch.profiler.record_function("step/optimizer"):
+        if grad_clip > 0:
+            values["grad_norm"] = clip_gradients([p for g in optimizer.param_groups for p in g["params"]],
+                                                 grad_clip)
+        optimizer.step()
+    return values
+
+
+def host_values(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Device scalars -> Python floats in one transfer (one host synchronisation)."""
+    if not values:
+        return {}
+    numbers = torch.stack([v.float().reshape(()) for v in values.values()]).tolist()
+    return dict(zip(values, numbers, strict=True))
 
 
 def seed_everything(seed: int) -> None:
@@ -332,7 +397,7 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
     if resume is not None:
         load_model_state(model, resume["model"], skip_prefixes)
     groups = param_groups(model, cfg.lr_3d, cfg.lr_other, is_3d, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(groups, cfg.betas, cfg.weight_decay)
     train_model: nn.Module = model
     if info.world_size > 1:
 
@@ -368,8 +433,23 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
     last: dict[str, float] = {}
     written: Path | None = None
 
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # steps with a non-finite loss
+    checked = step  # the last step whose losses were read on the host
+
+    def transfer(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """The step's values on the host, with every step since the last transfer checked finite."""
+        nonlocal checked
+        host = host_values({**values, "nonfinite": nonfinite})
+        if host.pop("nonfinite"):
+            raise FloatingPointError(f"non-finite loss in steps {checked + 1}-{step}; at step {step}: "
+                                     + ", ".join(f"{k}={v:.4g}" for k, v in host.items()))
+        checked = step
+        return host
+
     def save() -> None:
         nonlocal written
+        if checked != step:
+            transfer({})  # no checkpoint of weights updated with a non-finite loss
         rng = _gather_rng(info)
         if info.is_main:
             written = save_checkpoint(ckpt_path, {
@@ -397,37 +477,23 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
         sums: dict[str, float] = {}
         progress.start_epoch(epoch, offset)
         for batch in loader:
-            batch = _to_device(batch, device)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-            with autocast:
-                losses = loss_fn(train_model, batch, epoch)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}: "
-                                         + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            values = {f"loss/{k}": float(v.detach()) for k, v in losses.items()}
-            if cfg.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-                values["grad_norm"] = float(norm)
-            values.update({f"lr/{n}": g["lr"] for n, g in zip(group_names, optimizer.param_groups,
-                                                              strict=True)})
-            optimizer.step()
+            values = train_step(train_model, batch, epoch, loss_fn, optimizer, device=device,
+                                grad_clip=cfg.grad_clip, amp=use_amp)
+            nonfinite.add_(~torch.isfinite(values["loss/loss"]))  # read at the next transfer
+            lrs = {f"lr/{n}": g["lr"] for n, g in zip(group_names, optimizer.param_groups, strict=True)}
             scheduler.step()
             step += 1
-            values["epoch"] = step / iters_per_epoch
-            last = values
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value
-            progress.update(step, values)
-            if on_log is not None and info.is_main and (step % cfg.log_every == 0 or step == total_steps):
-                on_log(values, step)
+            if step % cfg.log_every == 0 or step == total_steps:  # the one transfer to the host
+                last = {**transfer(values), **lrs, "epoch": step / iters_per_epoch}
+                if on_log is not None and info.is_main:
+                    on_log(last, step)
+            progress.update(step, last)  # the values of the last transfer
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save()
         count = max(1, len(batches))
-        progress.end_epoch(epoch, step, sums.get("loss/loss", float("nan")) / count, last)
+        progress.end_epoch(epoch, step, float(sums.get("loss/loss", float("nan"))) / count, last)
         if step % iters_per_epoch == 0 or step == total_steps:
             if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 save()
@@ -746,6 +812,8 @@ def _train_model(store_path: Path, bench: Any, preset: str, cfg: TrainConfig, mo
     seed_everything(cfg.seed)
     # the null class starts at the text embedding of "" (official), in the run's text space
     model = build_model(model_cfg, encoder.dim, null_init=encoder.encode([""])[0])
+    if cfg.compile:
+        model.compile_heads()
     seed_everything(cfg.seed + 1000 * info.rank)
     base_text = encoder.encode(list(bench.base)).to(info.device)
     dataset = SceneViewDataset(store_path, bench.name, split="train", mode="train", voxel_size=cfg.voxel_size,

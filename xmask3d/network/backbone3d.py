@@ -202,8 +202,9 @@ def sparse_input(
     if len(xyz):
         low = torch.div(xyz.min(0).values, 16, rounding_mode="floor") * 16
         xyz = xyz - low
-        high = xyz.max(0).values + 1
-        shape = [int(math.ceil(int(h) / 16) * 16) for h in high]
+        # spconv needs the grid's spatial shape on the host: one read of the 3 extents
+        high = (xyz.max(0).values + 1).tolist()
+        shape = [int(math.ceil(h / 16) * 16) for h in high]
     else:
         shape = [16, 16, 16]
     indices = torch.cat([coords[:, :1], xyz], dim=1).contiguous()
@@ -233,7 +234,11 @@ class Backbone3D(nn.Module):
         self, voxel_coord: torch.Tensor, voxel_feat: torch.Tensor, inverse: torch.Tensor, batch_size: int
     ) -> dict[str, torch.Tensor]:
         """-> point_feat [N, text_dim] (per point via ``inverse``), global_3d [B, text_dim]."""
-        x = sparse_input(voxel_coord, voxel_feat, batch_size)
+        return self.forward_sparse(sparse_input(voxel_coord, voxel_feat, batch_size), inverse)
+
+    def forward_sparse(self, x: spconv.SparseConvTensor, inverse: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``forward`` on an input already wrapped by :func:`sparse_input` (shared with the binary head)."""
+        batch_size = x.batch_size
         bottleneck, final = self.unet(x)
         point_feat = self.head(final)[inverse]
         implicit = self.implicit(bottleneck.features)
@@ -269,6 +274,9 @@ class BinaryHead(nn.Module):
         self, voxel_coord: torch.Tensor, voxel_feat: torch.Tensor, inverse: torch.Tensor, batch_size: int
     ) -> torch.Tensor:
         """-> binary logit per point [N]."""
-        x = sparse_input(voxel_coord, voxel_feat, batch_size)
+        return self.forward_sparse(sparse_input(voxel_coord, voxel_feat, batch_size), inverse)
+
+    def forward_sparse(self, x: spconv.SparseConvTensor, inverse: torch.Tensor) -> torch.Tensor:
+        """``forward`` on an input already wrapped by :func:`sparse_input`."""
         _, final = self.unet(x)
         return self.head(final)[:, 0][inverse]

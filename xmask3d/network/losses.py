@@ -29,9 +29,11 @@ into a label image at the mask resolution (``build_2d_targets``); see docs/model
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -184,12 +186,21 @@ def build_2d_targets(
         nearby = -F.max_pool2d(-image.float(), 3, stride=1, padding=1)
         image = torch.where(image == empty, nearby.long(), image)
     image = image[:, 0].masked_fill(image[:, 0] == empty, num_classes)
+    return _segments(image, num_classes, null_segment)
+
+
+def _segments(image: torch.Tensor, num_classes: int, null_segment: bool) -> list[dict[str, torch.Tensor]]:
+    """Label images [B,h,w] (0..C, C = null) -> per view {labels (present, ascending), masks}."""
+    present = image.new_zeros(image.shape[0], num_classes + 1, dtype=torch.bool)
+    present.scatter_(1, image.flatten(1), True)
+    if not null_segment:
+        present[:, num_classes] = False
+    # One host read for the batch: the number of GT segments of each view sets the matching's shapes.
+    host = present.cpu().numpy()
     targets = []
-    for b in range(batch_size):
-        present = torch.unique(image[b])
-        if not null_segment:
-            present = present[present != num_classes]
-        targets.append({"labels": present, "masks": (image[b][None] == present[:, None, None]).float()})
+    for b in range(image.shape[0]):
+        labels = torch.from_numpy(np.flatnonzero(host[b])).to(image.device, non_blocking=True)
+        targets.append({"labels": labels, "masks": (image[b][None] == labels[:, None, None]).float()})
     return targets
 
 
@@ -203,13 +214,7 @@ def label_image_targets(
     image = F.interpolate(label_2d[:, None].float(), size=tuple(mask_size), mode="nearest-exact")
     image = image[:, 0].long()
     image = image.masked_fill(image >= num_classes, num_classes)
-    targets = []
-    for b in range(image.shape[0]):
-        present = torch.unique(image[b])
-        if not null_segment:
-            present = present[present != num_classes]
-        targets.append({"labels": present, "masks": (image[b][None] == present[:, None, None]).float()})
-    return targets
+    return _segments(image, num_classes, null_segment)
 
 
 def view_targets(
@@ -259,25 +264,44 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> 
     return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
 
 
+def draw_sampling_points(
+    m: int, num_points: int, oversample_ratio: float, importance_sample_ratio: float,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The random points of :func:`uncertain_points` for M masks: (candidates [M, P·oversample, 2],
+    uniform rest [M, P − P·importance, 2] or None)."""
+    candidates = torch.rand(m, int(num_points * oversample_ratio), 2, device=device)
+    rest = num_points - int(importance_sample_ratio * num_points)
+    return candidates, torch.rand(m, rest, 2, device=device) if rest > 0 else None
+
+
 def uncertain_points(
-    mask_logits: torch.Tensor, num_points: int, oversample_ratio: float, importance_sample_ratio: float
+    mask_logits: torch.Tensor, num_points: int, oversample_ratio: float, importance_sample_ratio: float,
+    draws: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """PointRend sampling: [M,1,h,w] -> [M,P,2]; a share from the most uncertain (−|logit|), rest uniform."""
-    m = mask_logits.shape[0]
-    sampled = int(num_points * oversample_ratio)
-    coords = torch.rand(m, sampled, 2, device=mask_logits.device)
+    """PointRend sampling: [M,1,h,w] -> [M,P,2]; a share from the most uncertain (−|logit|), rest uniform.
+    ``draws`` = :func:`draw_sampling_points` output (None: drawn here)."""
+    if draws is None:
+        draws = draw_sampling_points(mask_logits.shape[0], num_points, oversample_ratio,
+                                     importance_sample_ratio, mask_logits.device)
+    coords, rest = draws
     uncertainty = -point_sample(mask_logits, coords)[:, 0].abs()
     num_uncertain = int(importance_sample_ratio * num_points)
     index = uncertainty.topk(num_uncertain, dim=1).indices
     chosen = coords.gather(1, index[:, :, None].expand(-1, -1, 2))
-    rest = num_points - num_uncertain
-    if rest > 0:
-        chosen = torch.cat([chosen, torch.rand(m, rest, 2, device=mask_logits.device)], dim=1)
+    if rest is not None:
+        chosen = torch.cat([chosen, rest], dim=1)
     return chosen
 
 
 class SetCriterion:
-    """Mask2Former SetCriterion: Hungarian matching, then CE / mask BCE / dice (+ deep supervision)."""
+    """Mask2Former SetCriterion: Hungarian matching, then CE / mask BCE / dice (+ deep supervision).
+
+    Every layer is matched before any loss is computed, so the cost matrices of all layers and
+    images reach the host in one copy (``HungarianMatcher.match_layers``). The random points are
+    drawn in the order of a layer-by-layer loop (matching points per image, then the importance
+    sampling), so the losses do not depend on that batching.
+    """
 
     def __init__(self, cfg: LossConfig):
         self.cfg = cfg
@@ -288,35 +312,38 @@ class SetCriterion:
         pred_logits: torch.Tensor,
         pred_masks: torch.Tensor,
         targets: list[dict[str, torch.Tensor]],
-        num_masks: float,
+        num_masks: float | torch.Tensor,
+        indices: list[tuple[np.ndarray, np.ndarray]] | None = None,
+        draws: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The three losses of one prediction layer: pred_logits [B,Q,C+1], pred_masks [B,Q,h,w]."""
+        """The three losses of one prediction layer: pred_logits [B,Q,C+1], pred_masks [B,Q,h,w];
+        ``indices`` = its matching (``HungarianMatcher.match_layers``; None: matched here), ``draws``
+        = its sampling points (None: drawn here)."""
         cfg = self.cfg
-        indices = self.matcher(pred_logits, pred_masks, targets)
+        if indices is None:
+            points = [self.matcher.draw_points(pred_masks.device) if len(t["labels"]) else None
+                      for t in targets]
+            indices = self.matcher.match_layers([(pred_logits, pred_masks)], targets, [points])[0]
+        device = pred_logits.device
         num_classes = pred_logits.shape[-1] - 1
-        batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(
-            pred_logits.device
-        )
-        query_idx = torch.cat([q for q, _ in indices]).to(pred_logits.device)
-        target_classes = torch.full(
-            pred_logits.shape[:2], num_classes, dtype=torch.int64, device=pred_logits.device
-        )
-        target_classes[batch_idx, query_idx] = torch.cat(
-            [t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices, strict=True)]
-        ).to(pred_logits.device)
-        class_weight = torch.ones(num_classes + 1, dtype=torch.float32, device=pred_logits.device)
+        # matched (image, query, target row in the concatenated targets), built on the host
+        first = np.cumsum([0] + [len(t["labels"]) for t in targets])
+        pairs = [np.stack([np.full(len(q), b), q, j + first[b]]) for b, (q, j) in enumerate(indices)]
+        pairs = np.concatenate(pairs + [np.zeros((3, 0), np.int64)], axis=1).astype(np.int64)
+        batch_idx, query_idx, target_idx = torch.from_numpy(pairs).to(device, non_blocking=True)
+        target_classes = torch.full(pred_logits.shape[:2], num_classes, dtype=torch.int64, device=device)
+        target_classes[batch_idx, query_idx] = torch.cat([t["labels"] for t in targets])[target_idx]
+        class_weight = torch.ones(num_classes + 1, dtype=torch.float32, device=device)
         class_weight[-1] = cfg.eos_coef
-        loss_ce = F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, class_weight)
-        if len(query_idx) == 0:
+        loss_ce = F.cross_entropy(pred_logits.transpose(1, 2), target_classes, class_weight)
+        if pairs.shape[1] == 0:
             zero = pred_masks.sum() * 0.0
             return {"loss_ce": loss_ce, "loss_mask": zero, "loss_dice": zero}
-        src = pred_masks[batch_idx, query_idx][:, None].float()
-        tgt = torch.cat(
-            [t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices, strict=True)]
-        )
-        tgt = tgt[:, None].to(src)
+        src = pred_masks[batch_idx, query_idx][:, None]
+        tgt = torch.cat([t["masks"] for t in targets])[target_idx][:, None]
         with torch.no_grad():
-            coords = uncertain_points(src, cfg.num_points, cfg.oversample_ratio, cfg.importance_sample_ratio)
+            coords = uncertain_points(src, cfg.num_points, cfg.oversample_ratio, cfg.importance_sample_ratio,
+                                      draws)
             labels = point_sample(tgt, coords)[:, 0]
         logits = point_sample(src, coords)[:, 0]
         return {
@@ -332,18 +359,28 @@ class SetCriterion:
         targets: list[dict[str, torch.Tensor]],
         aux: list[dict[str, torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor]:
-        num_masks = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=pred_logits.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num_masks)
-            num_masks = num_masks / dist.get_world_size()
-        num = max(float(num_masks), 1.0)
-        losses = self.single(pred_logits, pred_masks, targets, num)
-        if self.cfg.deep_supervision:
-            for i, layer in enumerate(aux or []):
-                for key, value in self.single(
-                    layer["pred_logits"], layer["pred_masks"], targets, num
-                ).items():
-                    losses[f"{key}_{i}"] = value
+        cfg, device = self.cfg, pred_logits.device
+        sizes = [len(t["labels"]) for t in targets]
+        num: float | torch.Tensor = max(float(sum(sizes)), 1.0)
+        if dist.is_available() and dist.is_initialized():  # the mean over processes stays on the device
+            total = torch.tensor(float(sum(sizes)), device=device)
+            dist.all_reduce(total)
+            num = (total / dist.get_world_size()).clamp(min=1.0)
+        layers = [(pred_logits, pred_masks)]
+        if cfg.deep_supervision:
+            layers += [(a["pred_logits"], a["pred_masks"]) for a in aux or []]
+        matched = sum(min(pred_logits.shape[1], m) for m in sizes)
+        points, draws = [], []
+        for _ in layers:
+            points.append([self.matcher.draw_points(device) if m else None for m in sizes])
+            draws.append(draw_sampling_points(matched, cfg.num_points, cfg.oversample_ratio,
+                                              cfg.importance_sample_ratio, device) if matched else None)
+        indices = self.matcher.match_layers(layers, targets, points)
+        losses = self.single(pred_logits, pred_masks, targets, num, indices[0], draws[0])
+        for i, (layer_logits, layer_masks) in enumerate(layers[1:]):
+            for key, value in self.single(layer_logits, layer_masks, targets, num, indices[i + 1],
+                                          draws[i + 1]).items():
+                losses[f"{key}_{i}"] = value
         return losses
 
 
@@ -358,13 +395,16 @@ def ce_3d(
     When every label is ignored: the official fake label C−1 on point 0 (Q11) with the fallback,
     else an exact 0 (still attached to the graph).
     """
-    labels = labels.long()
-    if bool((labels == IGNORE).all()):
-        if not all_ignore_fallback or len(labels) == 0:
-            return logits.sum() * 0.0
-        labels = labels.clone()
-        labels[0] = num_classes - 1
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+    if len(labels) == 0:
+        return logits.sum() * 0.0
+    valid = labels != IGNORE
+    if all_ignore_fallback:  # tensor ops, no host read: point 0 takes C−1 when every label is ignored
+        first = torch.arange(len(labels), device=labels.device) == 0
+        labels = torch.where(first & ~valid.any(), num_classes - 1, labels)
+        valid = valid | (first & ~valid.any())
+    # the mean over the valid points; exact 0 when there are none
+    total = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    return total / valid.sum().clamp(min=1)
 
 
 def caption_loss(
@@ -379,11 +419,10 @@ def caption_loss(
     weight = torch.ones_like(batch_index, dtype=feats.dtype) if select is None else select.to(feats.dtype)
     total = feats.new_zeros(b, feats.shape[1]).index_add(0, batch_index, feats * weight[:, None])
     count = feats.new_zeros(b).index_add(0, batch_index, weight)
-    valid = has_caption.to(torch.bool).to(feats.device) & (count > 0)
-    if not bool(valid.any()):
-        return feats.sum() * 0.0
-    mean = total[valid] / count[valid, None]
-    return (1 - F.cosine_similarity(mean, captions[valid].to(mean), dim=-1)).mean()
+    valid = has_caption & (count > 0)
+    mean = total / count.clamp(min=1e-12)[:, None]  # views without points: 0 / tiny, masked below
+    terms = (1 - F.cosine_similarity(mean, captions, dim=-1)) * valid
+    return terms.sum() / valid.sum().clamp(min=1)  # exact 0 without a valid view
 
 
 def region_caption_loss(
@@ -439,11 +478,10 @@ def _log_positive(log_prob: torch.Tensor, positive: torch.Tensor) -> torch.Tenso
 def binary_loss(logits: torch.Tensor, binary: torch.Tensor, pos_weight: float) -> torch.Tensor:
     """BCE-with-logits (pos_weight) of the base (1) vs novel (0) head; 255 = ignored."""
     valid = binary != IGNORE
-    if not bool(valid.any()):
-        return logits.sum() * 0.0
-    weight = torch.tensor(pos_weight, dtype=torch.float32, device=logits.device)
-    target = binary[valid].to(device=logits.device, dtype=torch.float32)
-    return F.binary_cross_entropy_with_logits(logits[valid].float(), target, pos_weight=weight)
+    weight = logits.new_full((), pos_weight, dtype=torch.float32)
+    target = torch.where(valid, binary, 0)
+    loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight, reduction="none")
+    return (loss * valid).sum() / valid.sum().clamp(min=1)  # mean over the valid points, 0 without
 
 
 # --------------------------------------------------------------------------- mask regularisation
@@ -458,13 +496,13 @@ def mask_confidence(mask_probs: torch.Tensor) -> torch.Tensor:
 def select_masks(
     inside: torch.Tensor, binary: torch.Tensor, confidence: torch.Tensor, cfg: LossConfig
 ) -> torch.Tensor:
-    """Query ids of one view chosen for the regularisation (novel first, then base).
+    """The masks of one view chosen for the regularisation: bool [Q].
 
     inside [n,Q] bool (point in raw query mask), binary [n] (1 base, 0 novel, 255 ignore: GT labels
     in "labels" mode, predicted 0/1 in "scores" mode), confidence [Q]. A mask needs
     ≥ ``contra_min_points`` points; it is novel if #novel > 1.8·#other and #novel > 10, else base if
     #base > 20·#other and #base > 150 (ignored points count as "other"); the top 4 novel and the
-    top 1 base masks by confidence are kept.
+    top 1 base masks by confidence are kept (ties: the lower query id). Tensor ops only.
     """
     count = inside.sum(0)
     n_novel = (inside & (binary == 0)[:, None]).sum(0)
@@ -474,12 +512,14 @@ def select_masks(
     base = (
         valid & ~novel & (n_base > cfg.contra_base_ratio * (count - n_base)) & (n_base > cfg.contra_base_min)
     )
-    chosen = []
+    # ahead[q, r]: query r comes before q in a stable sort by descending confidence
+    ids = torch.arange(len(confidence), device=confidence.device)
+    ahead = (confidence[None, :] > confidence[:, None]) | (
+        (confidence[None, :] == confidence[:, None]) & (ids[None, :] < ids[:, None]))
+    chosen = torch.zeros_like(novel)
     for flags, top in ((novel, cfg.contra_top_novel), (base, cfg.contra_top_base)):
-        ids = flags.nonzero()[:, 0]
-        order = confidence[ids].argsort(descending=True, stable=True)
-        chosen.append(ids[order[:top]])
-    return torch.cat(chosen)
+        chosen |= flags & ((ahead & flags[None, :]).sum(1) < top)
+    return chosen
 
 
 def mask_regularisation(
@@ -487,36 +527,47 @@ def mask_regularisation(
     confidence: torch.Tensor,
     feats_3d: torch.Tensor,
     mask_clip: torch.Tensor,
-    batch_index: torch.Tensor,
+    view_sizes: Sequence[int],
     binary: torch.Tensor,
     cfg: LossConfig,
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """mean over selected masks of 1 − cos(mean pure-3D feature in the mask, stop-grad MaskCLIP embed).
 
     point_probs [N,Q] raw query mask probabilities at the points, confidence [B,Q], feats_3d [N,D],
-    mask_clip [B,Q,D], binary [N]: GT binary labels ("labels") or the binary-head probability
-    ("scores", thresholded at 0.5). -> (loss, number of selected masks); exact 0 when none.
+    mask_clip [B,Q,D], view_sizes = points per view (the views' points are consecutive, as collated;
+    host integers), binary [N]: GT binary labels ("labels") or the binary-head probability
+    ("scores", thresholded at 0.5). -> (loss, number of selected masks, a tensor); exact 0 when
+    none. Every mask's mean feature is computed and the selection weights them, so nothing is read
+    on the host.
     """
     if cfg.mask_selection == "scores":
         binary = (binary.detach() > 0.5).long()
     inside_all = point_probs.detach() >= 0.5
-    losses = []
-    for b in range(mask_clip.shape[0]):
-        pts = (batch_index == b).nonzero()[:, 0]
-        if len(pts) == 0:
+    total = feats_3d.sum() * 0.0
+    count = torch.zeros((), dtype=torch.int64, device=feats_3d.device)
+    start = 0
+    for b, size in enumerate(view_sizes):
+        pts = slice(start, start + size)
+        start += size
+        if size == 0:
             continue
         inside = inside_all[pts]
-        chosen = select_masks(inside, binary[pts], confidence[b].detach(), cfg)
-        if len(chosen) == 0:
-            continue
-        weights = inside[:, chosen].to(feats_3d.dtype)  # [n, S]
-        mean = (weights.T @ feats_3d[pts]) / weights.sum(0)[:, None]
-        target = mask_clip[b, chosen].detach().to(mean)
-        losses.append(1 - F.cosine_similarity(mean, target, dim=-1))
-    if not losses:
-        return feats_3d.sum() * 0.0, 0
-    selected = torch.cat(losses)
-    return selected.mean(), len(selected)
+        chosen = select_masks(inside, binary[pts], confidence[b].detach(), cfg)  # [Q]
+        weights = inside.to(feats_3d.dtype)  # [n, Q]
+        mean = (weights.T @ feats_3d[pts]) / weights.sum(0).clamp(min=1)[:, None]
+        total = total + ((1 - F.cosine_similarity(mean, mask_clip[b].detach(), dim=-1)) * chosen).sum()
+        count = count + chosen.sum()
+    return total / count.clamp(min=1), count
+
+
+def view_sizes(batch: dict[str, Any], batch_size: int) -> list[int]:
+    """Points per view from the batch's host-side ``offset`` (cumulative counts; one host read of
+    a host tensor, no device synchronisation), else from ``batch_index`` (a device read)."""
+    if "offset" in batch:
+        ends = [int(x) for x in torch.as_tensor(batch["offset"]).tolist()]
+    else:
+        ends = torch.bincount(batch["batch_index"], minlength=batch_size).cumsum(0).tolist()
+    return [e - s for s, e in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 # --------------------------------------------------------------------------- all terms
@@ -554,7 +605,7 @@ def loss_weights(cfg: LossConfig, aux_layers: int = 0) -> dict[str, float]:
 
 
 def _regularisation_term(
-    outputs: dict[str, Any], batch_index: torch.Tensor, binary: torch.Tensor, cfg: LossConfig, epoch: int
+    outputs: dict[str, Any], sizes: Sequence[int], binary: torch.Tensor, cfg: LossConfig, epoch: int
 ) -> torch.Tensor:
     """loss_3d_contra; exactly 0 before ``contra_start_epoch`` (official)."""
     if not cfg.contra_active(epoch):
@@ -570,7 +621,7 @@ def _regularisation_term(
         outputs["mask_confidence"],
         outputs["feats_3d"],
         outputs["mask_clip"],
-        batch_index,
+        sizes,
         selection,
         cfg,
     )
@@ -582,16 +633,23 @@ def compute_losses(
 ) -> dict[str, torch.Tensor]:
     """Every loss term (unweighted, official names) and ``total`` = Σ weight·term.
 
-    ``outputs`` is ``XMask3D.forward``'s dict; ``batch`` the collate output (label_base, binary,
-    uv, batch_index, caption, has_caption; label_2d and has_label_2d when collated from a store).
+    ``outputs`` is ``XMask3D.forward``'s dict (float32: the model casts its outputs); ``batch`` the
+    collate output on the same device (label_base, binary, uv, batch_index, caption, has_caption;
+    label_2d when collated from a store; ``offset`` and ``has_label_2d`` on the host). The losses run
+    in float32 with autocast off (as Mask2Former's criterion).
     """
+    with torch.autocast(outputs["pred_logits"].device.type, enabled=False):
+        return _compute_losses(outputs, batch, cfg, epoch)
+
+
+def _compute_losses(outputs: dict[str, Any], batch: dict[str, Any], cfg: LossConfig, epoch: int
+                    ) -> dict[str, torch.Tensor]:
     pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
     batch_size, num_classes = pred_logits.shape[0], pred_logits.shape[-1] - 1
-    device = pred_logits.device
-    batch_index = batch["batch_index"].to(device)
-    label_base = batch["label_base"].to(device).long()
+    # the batch is on the device in its final dtypes (xmask3d.engine.train.train_step)
+    batch_index, label_base = batch["batch_index"], batch["label_base"]
     image_size, mask_size = tuple(outputs["image_size"]), tuple(pred_masks.shape[-2:])
-    targets = view_targets(batch, batch_size, num_classes, image_size, mask_size, cfg, device)
+    targets = view_targets(batch, batch_size, num_classes, image_size, mask_size, cfg, pred_logits.device)
     losses = SetCriterion(cfg)(pred_logits, pred_masks, targets, outputs.get("aux"))
     if cfg.fusion:
         losses["loss_3d"] = ce_3d(
@@ -604,9 +662,8 @@ def compute_losses(
         if "region_clip" not in batch:
             raise ValueError("region caption losses are on but the batch has no region captions: "
                              "build the dataset with regions=True")
-        region = (batch["region_point"].to(device), batch["region_index"].to(device),
-                  batch["region_clip"].to(device))
-        grad_mask = (batch["binary"].to(device) != 1) if cfg.region_novel_grad_only else None
+        region = (batch["region_point"], batch["region_index"], batch["region_clip"])
+        grad_mask = (batch["binary"] != 1) if cfg.region_novel_grad_only else None
         losses["loss_region_3d"] = region_caption_loss(
             outputs["feats_3d"], *region, cfg.region_logit_scale, cfg.region_pooling, grad_mask,
             cfg.region_same_phrase_cos)
@@ -615,7 +672,7 @@ def compute_losses(
                 outputs["feats_fused"], *region, cfg.region_logit_scale, cfg.region_pooling, grad_mask,
                 cfg.region_same_phrase_cos)
     if cfg.view_captions:
-        caption, has_caption = batch["caption"].to(device), batch["has_caption"].to(device)
+        caption, has_caption = batch["caption"], batch["has_caption"]
         if cfg.fusion:
             losses["loss_explicit_contra"] = caption_loss(
                 outputs["feats_fused"], batch_index, caption, has_caption
@@ -626,14 +683,16 @@ def compute_losses(
         losses["loss_explicit_contra_2d_pre"] = caption_loss(
             outputs["feats_2d"], batch_index, caption, has_caption, select=outputs["covered"]
         )
-    binary = batch["binary"].to(device)
+    binary = batch["binary"]
     if cfg.binary_head:
         if outputs.get("binary_logit") is None:
             raise ValueError("loss_binary is on but the forward has no binary head: build the model "
                              "with the same LossConfig as compute_losses")
         losses["loss_binary"] = binary_loss(outputs["binary_logit"], binary, cfg.binary_pos_weight)
     if cfg.mask_regularization:
-        losses["loss_3d_contra"] = _regularisation_term(outputs, batch_index, binary, cfg, epoch)
+        sizes = view_sizes(batch, batch_size) if cfg.contra_active(epoch) else []
+        losses["loss_3d_contra"] = _regularisation_term(outputs, sizes, binary, cfg, epoch)
     weights = loss_weights(cfg, len(outputs.get("aux") or []))
-    losses["total"] = sum(weights[k] * v for k, v in losses.items())
+    factors = torch.tensor([weights[k] for k in losses], dtype=torch.float32)
+    losses["total"] = torch.stack(list(losses.values())) @ factors.to(pred_logits.device, non_blocking=True)
     return losses

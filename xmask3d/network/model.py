@@ -42,6 +42,17 @@ from xmask3d.network.losses import mask_confidence
 from xmask3d.network.mask_generator import MaskClassifier, MaskGenerator
 
 
+def _float32(value: Any) -> Any:
+    """Floating tensors (in dicts and lists too) as float32; a tensor already float32 is returned as is."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+    if isinstance(value, dict):
+        return {k: _float32(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_float32(v) for v in value]
+    return value
+
+
 class XMask3D(nn.Module):
     """3D UNet + binary head + 3D-conditioned diffusion mask generator + MaskCLIP + fusion."""
 
@@ -58,15 +69,34 @@ class XMask3D(nn.Module):
         self.clip = ClipImageTower(cfg.clip, text_dim)
         self.merger = FeatureMerger(text_dim) if cfg.fusion else None
 
+    def compile_heads(self, **options: Any) -> None:
+        """``torch.compile`` the trainable 2D heads in place: the feature projections, the pixel
+        decoder and the transformer decoder (``TrainConfig.compile``). ``nn.Module.compile`` keeps
+        parameter names, so checkpoints are unchanged; the first steps pay the compilation
+        (docs/benchmarks.md). The SD UNet / VAE (frozen, run through hooks) and the sparse 3D
+        branch (spconv) are left eager."""
+        generator = self.mask_generator
+        for module in (*generator.projections, generator.pixel_decoder, generator.decoder):
+            module.compile(**options)
+
     def frozen_modules(self) -> dict[str, nn.Module]:
         """Pretrained parts that are never trained (SD UNet, VAE, CLIP image tower)."""
         return {**self.mask_generator.frozen_modules(), "clip": self.clip.visual}
 
     # ------------------------------------------------------------------------------------------
     def _inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The network's inputs; the one cast at the boundary is the uint8 image to float in [0, 1].
+
+        The training step delivers the batch on the device in the loader's dtypes (int32 voxel
+        coordinates, float32 features, int64 indices, uint8 images); a tensor elsewhere (inference
+        callers) is moved here.
+        """
         device = self.classifier.logit_scale.device
         keys = ("voxel_coord", "voxel_feat", "inverse", "uv", "batch_index", "image")
-        out = {k: torch.as_tensor(batch[k]).to(device) for k in keys}
+        out = {}
+        for k in keys:
+            value = torch.as_tensor(batch[k])
+            out[k] = value if value.device == device else value.to(device, non_blocking=True)
         out["images"] = out.pop("image").float() / 255.0
         return out
 
@@ -74,14 +104,14 @@ class XMask3D(nn.Module):
         """point_feat [N,D], global_3d [B,D] (None without the implicit condition), binary_logit
         [N] (None without the binary head)."""
         b = x["images"].shape[0]
-        feat = x["voxel_feat"].float()
+        sparse = sparse_input(x["voxel_coord"], x["voxel_feat"], b)  # one input for both UNets
         if self.cfg.implicit_condition:
-            out: dict[str, Any] = self.backbone3d(x["voxel_coord"], feat, x["inverse"], b)
+            out: dict[str, Any] = self.backbone3d.forward_sparse(sparse, x["inverse"])
         else:
-            _, final = self.backbone3d.unet(sparse_input(x["voxel_coord"], feat, b))
+            _, final = self.backbone3d.unet(sparse)
             out = {"point_feat": self.backbone3d.head(final)[x["inverse"]], "global_3d": None}
         head = self.binary_head
-        out["binary_logit"] = head(x["voxel_coord"], feat, x["inverse"], b) if head is not None else None
+        out["binary_logit"] = head.forward_sparse(sparse, x["inverse"]) if head is not None else None
         return out
 
     def _generate(self, images: torch.Tensor, global_3d: torch.Tensor | None) -> dict[str, Any]:
@@ -104,7 +134,8 @@ class XMask3D(nn.Module):
         the mask regularisation is active: point_probs [N,Q], mask_confidence [B,Q], mask_clip [B,Q,D].
         """
         x = self._inputs(batch)
-        base_text = base_text.to(x["images"].device, torch.float32)
+        if base_text.device != x["images"].device or base_text.dtype != torch.float32:
+            base_text = base_text.to(x["images"].device, torch.float32)
         size = tuple(x["images"].shape[-2:])
         three = self.encode_3d(x)
         feats_3d = three["point_feat"]
@@ -132,7 +163,8 @@ class XMask3D(nn.Module):
             del probs
         feats_2d, covered, fused = self._fuse(x, feats_3d, point_mask, mask_embed)
         with_null = self.cfg.loss.ce_null_column
-        return {
+        # the output boundary: float32 for the losses (a cast only under autocast)
+        return _float32({
             "pred_logits": pred_logits,
             "pred_masks": pred_masks,
             "aux": aux,
@@ -147,7 +179,7 @@ class XMask3D(nn.Module):
             "global_3d": three["global_3d"],
             "image_size": size,
             **extra,
-        }
+        })
 
     @torch.no_grad()
     def infer(

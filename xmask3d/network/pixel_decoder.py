@@ -31,9 +31,21 @@ class PositionEmbeddingSine(nn.Module):
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.scale = scale
+        self._cache: dict[tuple, torch.Tensor] = {}  # the encoding depends on the shape only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, H, W] (only its shape/device are used) -> [B, 2*num_pos_feats, H, W]."""
+        """x: [B, C, H, W] (only its shape/device/dtype are used) -> [B, 2*num_pos_feats, H, W].
+
+        Computed once per input shape and reused (a constant: no parameters, no gradient)."""
+        key = (tuple(x.shape), x.device, x.dtype)
+        pos = self._cache.get(key)
+        if pos is None:
+            if len(self._cache) >= 16:
+                self._cache.clear()
+            pos = self._cache[key] = self._encode(x)
+        return pos
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         ones = torch.ones(b, h, w, device=x.device, dtype=torch.float32)
         y_embed = ones.cumsum(1)
