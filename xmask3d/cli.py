@@ -115,8 +115,8 @@ def json_object(text: str | None, option: str) -> dict[str, Any] | None:
 
 def local_or_none(path: Path | str) -> Path | None:
     """The local directory of a path or store location; None for object storage (checked when opened)."""
-    if isinstance(path, Path):
-        return path
+    if isinstance(path, Path) or "://" not in path:
+        return Path(path)  # as given, so messages name it as the user wrote it
     location = parse_location(path)
     return location.local_path() if location.is_local else None
 
