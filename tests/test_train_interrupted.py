@@ -83,4 +83,6 @@ def test_sigterm_marks_killed_sigkill_is_recorded_at_resume_and_steps_log_once(s
     assert run.data.tags["resume.2.previous_status"] == "RUNNING"  # the SIGKILLed attempt, recorded
     for key in run.data.metrics:
         steps = [m.step for m in client.get_metric_history(run_id, key)]
-        assert sorted(steps) == list(range(1, 9)), key  # every step once, none twice
+        assert len(steps) == len(set(steps)), key  # no step logged twice across the attempts
+        if key.startswith(("loss/", "lr/")):  # logged every step (log_every 1): each step once
+            assert sorted(steps) == list(range(1, 9)), key
