@@ -91,8 +91,9 @@ def build_data(work: Path, scenes: int, base_scenes: int, frames: int, seed: int
             target.with_suffix(".tmp").rename(target)
         n = reader.num_frames
         labels = long / f"{scene_id}{LABEL_ZIP_SUFFIX}"
-        if not labels.is_file():  # the 2D label images, one per frame of the lengthened .sens
-            with zipfile.ZipFile(base / "scans" / scene_id / labels.name) as src:
+        source_labels = base / "scans" / scene_id / labels.name
+        if source_labels.is_file() and not labels.is_file():  # 2D label images, one per lengthened frame
+            with zipfile.ZipFile(source_labels) as src:
                 pngs = {int(m.group(1)): src.read(name) for name in src.namelist()
                         if (m := MEMBER.fullmatch(name))}
             with zipfile.ZipFile(labels.with_suffix(".tmp"), "w", zipfile.ZIP_STORED) as dst:
