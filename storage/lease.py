@@ -61,11 +61,8 @@ class Owner:
         return f"pid {self.pid} on {self.host} ({self.purpose}) since {since}, heartbeat {age:.0f} s ago"
 
 
-def put_bytes(path: AnyPath, data: bytes) -> None:
-    """Replace ``path`` with ``data`` in one step (a whole-object PUT; locally temp file + replace)."""
-    if isinstance(path, ObjectPath):
-        path.write_bytes(data)
-        return
+def _synced_temp(path: Path, data: bytes) -> Path:
+    """``data`` written and fsynced to a temporary file beside ``path`` (removed if writing fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     try:
@@ -73,6 +70,19 @@ def put_bytes(path: AnyPath, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def put_bytes(path: AnyPath, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step (a whole-object PUT; locally temp file + replace)."""
+    if isinstance(path, ObjectPath):
+        path.write_bytes(data)
+        return
+    tmp = _synced_temp(path, data)
+    try:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -86,20 +96,14 @@ def create_exclusive(path: AnyPath, data: bytes) -> bool:
     """
     if isinstance(path, ObjectPath):
         return path.create(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    tmp = _synced_temp(path, data)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
     finally:
         tmp.unlink(missing_ok=True)
+    return True
 
 
 def _pid_start(pid: int) -> tuple[int | None, str | None]:

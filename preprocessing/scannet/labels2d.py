@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from preprocessing.scannet.mesh import label_tsv_version
 from preprocessing.scannet.sens import nearest_indices
 from storage.errors import InputError
 
@@ -60,12 +61,7 @@ def _nyu40_table(path: str, mtime_ns: int) -> np.ndarray:
 
 def nyu40_table(tsv: Path) -> np.ndarray:
     """int16[65536]: ScanNet label id -> NYU40 id (0 -> 0; -1 for ids the TSV does not have)."""
-    tsv = Path(tsv)
-    try:
-        mtime = tsv.stat().st_mtime_ns
-    except FileNotFoundError as error:
-        raise InputError(f"{tsv}: label TSV not found") from error
-    return _nyu40_table(str(tsv), mtime)
+    return _nyu40_table(str(tsv), label_tsv_version(tsv))
 
 
 class LabelImages:

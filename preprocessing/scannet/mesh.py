@@ -109,14 +109,17 @@ def _label_table(path: str, mtime_ns: int) -> dict[str, int]:
     return table
 
 
-def read_label_tsv(path: Path) -> dict[str, int]:
-    """raw_category -> id from ``scannetv2-labels.combined.tsv`` (cached per file version)."""
-    path = Path(path)
+def label_tsv_version(path: Path) -> int:
+    """The label TSV's mtime (the cache key of the tables read from it); InputError when missing."""
     try:
-        mtime = path.stat().st_mtime_ns
+        return Path(path).stat().st_mtime_ns
     except FileNotFoundError as error:
         raise InputError(f"{path}: label TSV not found") from error
-    return _label_table(str(path), mtime)
+
+
+def read_label_tsv(path: Path) -> dict[str, int]:
+    """raw_category -> id from ``scannetv2-labels.combined.tsv`` (cached per file version)."""
+    return _label_table(str(path), label_tsv_version(path))
 
 
 def read_axis_alignment(path: Path) -> np.ndarray:
