@@ -450,8 +450,6 @@ def store_room_views(writer, room_id: str, room_dir: Path, xyz: np.ndarray, fram
     space (``free_space``, see ``view_coverage``) at most ``max_free_space``; otherwise the poses
     are most likely in another frame than the points (wrong release or area).
     """
-
-
     release = s3dis_release(room_dir)
     angle = room_alignment_angle(room_dir) if release == "aligned" else None
     center = room_center(xyz) if release == "aligned" else None

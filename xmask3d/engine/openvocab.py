@@ -217,8 +217,6 @@ def caption_name_baseline(store_path: Path, benchmark: str, encoder: Any,
 def train_condition(store: Path, cfg: OpenVocabConfig, condition: str, seed: int, out_dir: Path,
                     tracking_uri: str) -> RunRecord:
     """One training run (with its held-out evaluation) through ``xmask3d.engine.train.train``."""
-
-
     overrides: dict[str, Any] = {"seed": seed, "epochs": cfg.epochs, "loop": cfg.loop,
                                  "batch_size": cfg.batch_size, "max_steps": cfg.max_steps,
                                  "eval_max_views": cfg.eval_max_views, "log_every": cfg.log_every,

@@ -469,8 +469,6 @@ def champion_or_newest(tracking_uri: str | None, model: str) -> tuple[str, str |
 def resolve_model(model: str, tracking_uri: str | None, download_dir: Path) -> tuple[Path, str | None]:
     """`models:/NAME@alias`, `models:/NAME/VERSION`, an MLflow run id or a checkpoint path
     -> (local checkpoint file, training run id if known)."""
-
-
     path = Path(model)
     if path.exists():
         return (path / LAST_NAME if path.is_dir() else path), None
