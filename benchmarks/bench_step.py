@@ -12,8 +12,13 @@ makes the host wait for a device value on CUDA: reading a scalar (``.item()``, `
 ``bool`` of a tensor = ``aten::_local_scalar_dense``), ``.tolist()``/``.numpy()``/``.cpu()``, and
 operators whose output size depends on the data (``nonzero``, ``unique``, ``masked_select``,
 boolean-mask indexing, ``repeat_interleave`` without ``output_size``, ``bincount``). On CPU nothing
-actually waits, so the counter is the proxy for the GPU pipeline stalls. ``--json PATH`` writes the
-counts (tests/test_step_counts.py asserts them).
+actually waits, so the counter is the proxy for the GPU pipeline stalls. Each ``aten::to`` is
+also attributed to the operator it runs inside: on CPU an elementwise operator whose inputs differ
+in dtype (a float32 tensor and a Python number, wrapped as a float64 or int64 scalar) converts them
+first (TensorIterator's input promotion, done for CPU operators only; CUDA kernels convert while
+loading), and the multi-tensor fallback of ``torch._foreach_*`` on CPU runs one such operator per
+tensor. "Direct" conversions are the ones the code asks for (``.to``, ``.float()``, autocast),
+which a GPU step makes too. ``--json PATH`` writes the counts (tests/test_step_counts.py asserts them).
 
     .venv/bin/python benchmarks/bench_step.py --threads 1                      # 2 views x 5000 points
     .venv/bin/python benchmarks/bench_step.py --threads 1 --profile            # counts and phases
@@ -181,6 +186,7 @@ def profile_step(step, device: torch.device, steps: int) -> dict[str, Any]:
         synchronize(device)
     ops: collections.Counter[str] = collections.Counter()
     to_by_phase: collections.Counter[str] = collections.Counter()
+    to_inside: collections.Counter[str] = collections.Counter()  # the operator an aten::to runs in
     phase_cpu: dict[str, float] = dict.fromkeys(PHASES, 0.0)
     phase_dev: dict[str, float] = dict.fromkeys(PHASES, 0.0)
     for event in prof.events():
@@ -194,6 +200,10 @@ def profile_step(step, device: torch.device, steps: int) -> dict[str, Any]:
                 while parent is not None and parent.name not in phase_cpu:
                     parent = parent.cpu_parent
                 to_by_phase[parent.name if parent is not None else "outside"] += 1
+                operator = event.cpu_parent
+                while operator is not None and not operator.name.startswith("aten::"):
+                    operator = operator.cpu_parent
+                to_inside[operator.name if operator is not None else "direct"] += 1
     counter = SyncCounter()
     with counter:
         for _ in range(steps):
@@ -204,6 +214,8 @@ def profile_step(step, device: torch.device, steps: int) -> dict[str, Any]:
         "aten_ops": sum(ops.values()) / steps,
         "aten_to": ops["aten::to"] / steps,
         "aten_to_by_phase": {k: to_by_phase[k] / steps for k in (*PHASES, "outside")},
+        "aten_to_direct": to_inside["direct"] / steps,
+        "aten_to_inside_ops": {k: v / steps for k, v in to_inside.most_common() if k != "direct"},
         "aten_to_copy": ops["aten::_to_copy"] / steps,
         "aten_copy_": ops["aten::copy_"] / steps,
         "syncs": sum(counter.kinds.values()) / steps,
@@ -326,6 +338,10 @@ def main() -> None:
               f"aten::_to_copy {prof['aten_to_copy']:.0f}, aten::copy_ {prof['aten_copy_']:.0f}")
         print("aten::to per phase: " + ", ".join(
             f"{k.split('/')[-1]} {v:.0f}" for k, v in prof["aten_to_by_phase"].items()))
+        inside = prof["aten_to_inside_ops"]
+        print(f"aten::to called directly (Python code, autocast, the loader's transfer): "
+              f"{prof['aten_to_direct']:.0f}; inside another operator: {sum(inside.values()):.0f} ("
+              + ", ".join(f"{k} {v:.0f}" for k, v in list(inside.items())[:6]) + ")")
         print(f"host synchronisations per step: {prof['syncs']:.0f}")
         for kind, count in prof["sync_kinds"].items():
             print(f"  {count:7.1f}  {kind}")
