@@ -289,6 +289,8 @@ def preprocess_scannet(
     cluster_kwargs: Annotated[str | None, typer.Option(
         help='its keyword arguments as JSON, e.g. \'{"cores": 8, "memory": "32GiB"}\'')] = None,
     cluster_jobs: Annotated[int, typer.Option(help="workers (jobqueue: jobs) to ask the cluster for")] = 0,
+    lock_wait: Annotated[float, typer.Option(
+        help="seconds to wait for another run's writer lock on the store (default: fail at once)")] = 0.0,
 ) -> None:
     """Decode, project, caption-embed and store ScanNet scenes."""
     require_dir(raw, "raw dir")
@@ -308,7 +310,7 @@ def preprocess_scannet(
                                 dask_address=dask_address, workers=workers, overwrite=overwrite,
                                 region_captions=region_captions, cluster_class=cluster_class,
                                 cluster_kwargs=json_object(cluster_kwargs, "--cluster-kwargs"),
-                                cluster_jobs=cluster_jobs)
+                                cluster_jobs=cluster_jobs, lock_wait_s=lock_wait)
     typer.echo(format_summaries(summaries))
     if not ok:
         raise typer.Exit(code=1)
@@ -334,6 +336,8 @@ def preprocess_s3dis(
     cluster_kwargs: Annotated[str | None, typer.Option(
         help='its keyword arguments as JSON, e.g. \'{"cores": 8, "memory": "32GiB"}\'')] = None,
     cluster_jobs: Annotated[int, typer.Option(help="workers (jobqueue: jobs) to ask the cluster for")] = 0,
+    lock_wait: Annotated[float, typer.Option(
+        help="seconds to wait for another run's writer lock on the store (default: fail at once)")] = 0.0,
 ) -> None:
     """Store S3DIS rooms: points and labels, and with --views their 2D-3D-S views and captions."""
     require_dir(raw, "raw dir")
@@ -355,7 +359,7 @@ def preprocess_s3dis(
                                 workers=workers, overwrite=overwrite, views=str(views) if views else None,
                                 captions=captions, text_encoder=text_encoder, cluster_class=cluster_class,
                                 cluster_kwargs=json_object(cluster_kwargs, "--cluster-kwargs"),
-                                cluster_jobs=cluster_jobs)
+                                cluster_jobs=cluster_jobs, lock_wait_s=lock_wait)
     typer.echo(format_summaries(summaries))
     if not ok:
         raise typer.Exit(code=1)
@@ -371,11 +375,13 @@ def import_captions(
     text_encoder: Annotated[str | None, typer.Option(
         help="the store's encoder spec (default: the one the store records; openclip:MODEL:CHECKPOINT "
              "for a CLIP store)")] = None,
+    lock_wait: Annotated[float, typer.Option(
+        help="seconds to wait for another run's writer lock on the store (default: fail at once)")] = 0.0,
 ) -> None:
     """Import released PLA / RegionPLC caption files (JSON + index pickle) as region captions."""
     from preprocessing.caption_import import import_captions as run_import  # heavy: loaded per command
 
-    summary = run_import(store, fmt, captions, index, text_encoder=text_encoder)
+    summary = run_import(store, fmt, captions, index, text_encoder=text_encoder, lock_wait_s=lock_wait)
     typer.echo(summary.table())
 
 
