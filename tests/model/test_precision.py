@@ -63,6 +63,18 @@ def test_the_original_tensors_come_back_even_after_an_error():
     assert all(torch.equal(p, v) for p, v in zip(model.parameters(), values, strict=True))  # exact values
 
 
+def test_original_state_names_the_state_dict_entries_with_their_original_values():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Conv2d(3, 3, 1)))
+    model[1].requires_grad_(False)
+    expected = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("1.")}
+    frozen = FrozenWeights(model, torch.bfloat16)
+    with frozen.lowered():
+        assert model.state_dict()["1.0.weight"].dtype == torch.bfloat16
+        saved = frozen.original_state()
+    assert set(saved) == set(expected) == {"1.0.weight", "1.0.bias"}
+    assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], expected[k]) for k in saved)
+
+
 def _two_d_branch_step(model, images, dim):
     """Forward + backward of the 2D branch (mask generator, MaskCLIP) under CPU bf16 autocast."""
     g3 = torch.randn(2, dim, generator=torch.Generator().manual_seed(1)).requires_grad_()

@@ -454,8 +454,11 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
             transfer({})  # no checkpoint of weights updated with a non-finite loss
         rng = _gather_rng(info)
         if info.is_main:
+            state = model_state(model, skip_prefixes)
+            if frozen is not None:  # the original frozen weights, also while the steps hold bf16 ones
+                state |= {k: v for k, v in frozen.original_state().items() if k in state}
             written = save_checkpoint(ckpt_path, {
-                "model": model_state(model, skip_prefixes), "optimizer": optimizer.state_dict(),
+                "model": state, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng, "step": step,
                 "epoch": step // iters_per_epoch, "train_config": cfg.to_dict(), **(meta or {}),
             })

@@ -55,6 +55,13 @@ class FrozenWeights:
         self.dtype = dtype
         self.params = frozen_matmul_weights(model)
         self.originals = [p.detach().to("cpu", copy=True) for p in self.params]
+        names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+        self.names = [names[id(p)] for p in self.params]
+
+    def original_state(self) -> dict[str, torch.Tensor]:
+        """State-dict entries (parameter name -> original tensor, host memory) for a checkpoint
+        written while the weights are lowered: checkpoints always hold the original values."""
+        return dict(zip(self.names, self.originals, strict=True))
 
     def lower(self) -> int:
         """Store every frozen weight in the low dtype, in place (the Parameter objects stay the
