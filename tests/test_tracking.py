@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,9 @@ def test_run_artifacts_and_alias_on_real_server(mlflow_server, tmp_path):
     assert champion.run_id == run.run_id
     assert float(champion.tags["hiou"]) == pytest.approx(30.0)  # percent, as the eval/* metrics
     assert champion.tags["unit"] == "percent"
+    model_id = re.search(r"/models/(m-[0-9a-f]+)/", champion.source).group(1)
+    logged = client.get_logged_model(model_id)  # the model page shows the run's parameters
+    assert logged.source_run_id == run.run_id and logged.params["train.lr_3d"] == "0.001"
 
 
 def _metrics(hiou: float, miou_all: float = 0.2, novel: bool = True, baseline_all: float = 0.05) -> dict:

@@ -297,8 +297,10 @@ def _log_pyfunc_model(client: MlflowClient, run_id: str, checkpoint: Path) -> Lo
     active run: setting those would send every later MLflow call of the process (and, through
     ``MLFLOW_TRACKING_URI``, of the subprocesses it starts) to this run's server.
     """
-    experiment_id = client.get_run(run_id).info.experiment_id
-    model = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    run = client.get_run(run_id)
+    # the run's parameters on the logged model too, as mlflow.pyfunc.log_model does (the UI's model page)
+    model = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
+                                       params={k: str(v) for k, v in run.data.params.items()})
     try:
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
         meta = Model(artifact_path=model.artifact_location, run_id=run_id, model_uuid=model.model_id,
