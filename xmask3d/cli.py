@@ -410,6 +410,13 @@ def train(
     random_init: Annotated[bool, typer.Option(
         "--random-init", help="paper: train even without the Stable Diffusion / CLIP weights (random "
                               "frozen parts; tagged random_init on the MLflow run)")] = False,
+    batch_size: Annotated[int | None, typer.Option(help="override the preset's views per step and GPU")
+                          ] = None,
+    amp: Annotated[bool | None, typer.Option(
+        "--amp/--no-amp", help="bf16 autocast on CUDA (default: the preset's; paper is fp32 as the "
+                               "official recipe)")] = None,
+    compile_heads: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", help="torch.compile the 2D heads (default: the preset's, off)")] = None,
 ) -> None:
     """Train XMask3D on one benchmark, tracked in MLflow."""
     require_dir(store, "store")
@@ -422,7 +429,7 @@ def train(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     quiet_library_noise()
     given = {"epochs": epochs, "max_steps": max_steps, "checkpoint_every": checkpoint_every,
-             "checkpoint_dir": checkpoint_dir}
+             "checkpoint_dir": checkpoint_dir, "batch_size": batch_size, "amp": amp, "compile": compile_heads}
     overrides: dict = {k: v for k, v in given.items() if v is not None}
     overrides["evaluate"] = evaluate
     result = run_training(store, benchmark, preset, train_preset(preset, **overrides),

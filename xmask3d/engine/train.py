@@ -431,6 +431,8 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
     ckpt_path = checkpoint_dir / LAST_NAME
     group_names = [g["name"] for g in groups]
     use_amp = cfg.amp and device.type == "cuda"
+    if cfg.amp and not use_amp:
+        (logger or log).warning("amp: bf16 autocast runs on CUDA only; training in float32 on %s", device)
     frozen = FrozenWeights(model, torch.bfloat16) if use_amp else None
     last: dict[str, float] = {}
     written: Path | None = None
