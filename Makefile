@@ -19,8 +19,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # pytest exits 5 when it collects no tests: any non-zero exit fails `make test`.
+# --durations=30: the CI log lists the 30 slowest test phases (setup, call, teardown).
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=30
 
 test-fast: lint
 	$(BIN)/pytest -m "not slow"
