@@ -12,18 +12,25 @@ makes the host wait for a device value on CUDA: reading a scalar (``.item()``, `
 ``bool`` of a tensor = ``aten::_local_scalar_dense``), ``.tolist()``/``.numpy()``/``.cpu()``, and
 operators whose output size depends on the data (``nonzero``, ``unique``, ``masked_select``,
 boolean-mask indexing, ``repeat_interleave`` without ``output_size``, ``bincount``). On CPU nothing
-actually waits, so the counter is the proxy for the GPU pipeline stalls. ``--json PATH`` writes the
-counts (tests/test_step_counts.py asserts them).
+actually waits, so the counter is the proxy for the GPU pipeline stalls. Each ``aten::to`` is
+also attributed to the operator it runs inside: on CPU an elementwise operator whose inputs differ
+in dtype (a float32 tensor and a Python number, wrapped as a float64 or int64 scalar) converts them
+first (TensorIterator's input promotion, done for CPU operators only; CUDA kernels convert while
+loading), and the multi-tensor fallback of ``torch._foreach_*`` on CPU runs one such operator per
+tensor. "Direct" conversions are the ones the code asks for (``.to``, ``.float()``, autocast),
+which a GPU step makes too. ``--json PATH`` writes the counts (tests/test_step_counts.py asserts them).
 
     .venv/bin/python benchmarks/bench_step.py --threads 1                      # 2 views x 5000 points
     .venv/bin/python benchmarks/bench_step.py --threads 1 --profile            # counts and phases
-    .venv/bin/python benchmarks/bench_step.py --device cuda --preset paper --batch 16 --points 30000 --amp
+    .venv/bin/python benchmarks/bench_step.py --device cuda --preset paper --batch 16 --points 30000 --amp \
+        --unet-bound                                                            # step vs the UNet bound
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import resource
@@ -181,6 +188,7 @@ def profile_step(step, device: torch.device, steps: int) -> dict[str, Any]:
         synchronize(device)
     ops: collections.Counter[str] = collections.Counter()
     to_by_phase: collections.Counter[str] = collections.Counter()
+    to_inside: collections.Counter[str] = collections.Counter()  # the operator an aten::to runs in
     phase_cpu: dict[str, float] = dict.fromkeys(PHASES, 0.0)
     phase_dev: dict[str, float] = dict.fromkeys(PHASES, 0.0)
     for event in prof.events():
@@ -194,6 +202,10 @@ def profile_step(step, device: torch.device, steps: int) -> dict[str, Any]:
                 while parent is not None and parent.name not in phase_cpu:
                     parent = parent.cpu_parent
                 to_by_phase[parent.name if parent is not None else "outside"] += 1
+                operator = event.cpu_parent
+                while operator is not None and not operator.name.startswith("aten::"):
+                    operator = operator.cpu_parent
+                to_inside[operator.name if operator is not None else "direct"] += 1
     counter = SyncCounter()
     with counter:
         for _ in range(steps):
@@ -204,6 +216,8 @@ def profile_step(step, device: torch.device, steps: int) -> dict[str, Any]:
         "aten_ops": sum(ops.values()) / steps,
         "aten_to": ops["aten::to"] / steps,
         "aten_to_by_phase": {k: to_by_phase[k] / steps for k in (*PHASES, "outside")},
+        "aten_to_direct": to_inside["direct"] / steps,
+        "aten_to_inside_ops": {k: v / steps for k, v in to_inside.most_common() if k != "direct"},
         "aten_to_copy": ops["aten::_to_copy"] / steps,
         "aten_copy_": ops["aten::copy_"] / steps,
         "syncs": sum(counter.kinds.values()) / steps,
@@ -231,6 +245,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="operator, aten::to and host-sync counts")
     parser.add_argument("--no-baseline", action="store_true", help="skip the 3D-branch-alone timing")
+    parser.add_argument("--unet-bound", action="store_true",
+                        help="also time the frozen SD UNet alone, fwd + bwd to its conditioning (the bound)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -270,6 +286,23 @@ def main() -> None:
         if counter["step"] % args.log_every == 0:  # what fit() does: one transfer every log_every steps
             host_values({**values, "nonfinite": (~torch.isfinite(values["loss/loss"])).long()})
 
+    gen = model.mask_generator
+    views = args.views
+    latent_shape = (views, gen.vae.config.latent_channels, *gen.noise.shape[-2:])
+
+    def step_unet() -> None:
+        """The bound: the frozen SD UNet alone, forward + backward to its conditioning inputs (the
+        context and the time-embedding offset), at the step's batch and precision."""
+        with torch.no_grad():
+            ctx, temb = gen.condition(torch.randn(views, dim, device=device))
+        ctx = ctx.detach().requires_grad_()
+        temb = temb.detach().requires_grad_() if temb is not None else None
+        latent = torch.randn(latent_shape, device=device)
+        t = torch.zeros(views, dtype=torch.long, device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            out = gen.unet(latent, t, encoder_hidden_states=ctx, class_labels=temb).sample
+        out.float().square().mean().backward()
+
     def step_3d() -> None:
         x = model._inputs({k: v.to(device, non_blocking=True) for k, v in batch.items()})
         three = model.encode_3d(x)
@@ -283,9 +316,11 @@ def main() -> None:
         synchronize(device)
         result["compile_warmup_s"] = time.perf_counter() - start
         result["compile_warmup_cpu_s"] = _cpu_seconds() - cpu_start
-    baseline = None
+    baseline = unet_bound = None
     if not args.no_baseline and not args.profile:
         baseline = statistics.median(timed(step_3d, args.steps, args.warmup, device))
+    if args.unet_bound:
+        unet_bound = statistics.median(timed(step_unet, args.steps, args.warmup, device))
     cpu_times: list[float] = []
     full = timed(step, args.steps, args.warmup, device, cpu_times)
     median = statistics.median(full)
@@ -293,7 +328,7 @@ def main() -> None:
     n_voxels = len(batch["voxel_coord"])
     load = os.getloadavg()
     result |= {"step_s": median, "step_times_s": full, "step_cpu_s": statistics.median(cpu_times),
-               "baseline_3d_s": baseline, "load": load}
+               "baseline_3d_s": baseline, "unet_bound_s": unet_bound, "load": load}
     print(
         f"preset {args.preset} on {device}{' (bf16 autocast)' if amp else ''}: {args.views} views, "
         f"{n_points} points, {n_voxels} voxels, {args.classes} base classes, {args.threads} threads, "
@@ -314,6 +349,9 @@ def main() -> None:
               f"full step / 3D branch: {median / baseline:.2f}x")
         verdict = "OK" if median < TARGET_S else "OVER"
         print(f"full step / {TARGET_S:.0f} s target: {median / TARGET_S:.2f} ({verdict})")
+    if unet_bound is not None:
+        print(f"frozen SD UNet alone, fwd + bwd to its conditioning (bound): {unet_bound:.3f} s; "
+              f"full step / UNet: {median / unet_bound:.2f}x (target <= 2.5x on the GPU)")
     if args.profile:
         prof = profile_step(step, device, max(1, min(args.steps, 3)))
         result["profile"] = prof
@@ -326,6 +364,10 @@ def main() -> None:
               f"aten::_to_copy {prof['aten_to_copy']:.0f}, aten::copy_ {prof['aten_copy_']:.0f}")
         print("aten::to per phase: " + ", ".join(
             f"{k.split('/')[-1]} {v:.0f}" for k, v in prof["aten_to_by_phase"].items()))
+        inside = prof["aten_to_inside_ops"]
+        print(f"aten::to called directly (Python code, autocast, the loader's transfer): "
+              f"{prof['aten_to_direct']:.0f}; inside another operator: {sum(inside.values()):.0f} ("
+              + ", ".join(f"{k} {v:.0f}" for k, v in list(inside.items())[:6]) + ")")
         print(f"host synchronisations per step: {prof['syncs']:.0f}")
         for kind, count in prof["sync_kinds"].items():
             print(f"  {count:7.1f}  {kind}")

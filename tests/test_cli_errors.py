@@ -76,3 +76,25 @@ def test_the_cli_default_tracking_uri_is_the_tracking_modules():
     from xmask3d.engine import tracking
 
     assert cli.DEFAULT_TRACKING_URI == tracking.DEFAULT_TRACKING_URI
+
+
+def test_train_options_override_the_presets_recipe(monkeypatch, tmp_path):
+    from xmask3d.engine import train as engine_train
+
+    seen = {}
+
+    def capture(store, benchmark, preset, cfg, **kwargs):
+        seen[preset] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(engine_train, "train", capture)
+    (tmp_path / "s.zarr").mkdir()
+    common = ["train", "--store", str(tmp_path / "s.zarr"), "--benchmark", "scannet20-b15n4",
+              "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    CliRunner().invoke(cli.app, [*common, "--preset", "paper", "--amp", "--batch-size", "4", "--compile"])
+    CliRunner().invoke(cli.app, [*common, "--preset", "small"])
+    CliRunner().invoke(cli.app, [*common, "--preset", "tiny", "--no-amp"])
+    assert (seen["paper"].amp, seen["paper"].batch_size, seen["paper"].compile, seen["paper"].epochs) == \
+        (True, 4, True, 150)
+    assert (seen["small"].amp, seen["small"].batch_size, seen["small"].compile) == (True, 8, False)
+    assert seen["tiny"].amp is False

@@ -333,10 +333,13 @@ def test_train_tiny_logs_registers_and_resumes(synthetic_store, tmp_path):
 
     # the registered pyfunc model predicts every point of a stored scene
     scene_id = open_store(synthetic_store).scene_ids("val")[0]
-    import mlflow
+    import mlflow.artifacts
 
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model(result.model_uri)
+    # through the client: a models:/ URI handed to MLflow resolves against the process-wide registry URI
+    source = client.get_model_version_download_uri("xmask3d-scannet20-b15n4", result.model_version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp_path / "pyfunc"),
+                                                tracking_uri=uri)
+    model = mlflow.pyfunc.load_model(local)
     frame = model.predict({"store_path": str(synthetic_store), "scene_id": scene_id})
     assert len(frame) == open_store(synthetic_store).scene(scene_id).num_points
     assert frame["label"].between(0, 18).all()

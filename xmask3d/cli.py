@@ -289,6 +289,8 @@ def preprocess_scannet(
     cluster_kwargs: Annotated[str | None, typer.Option(
         help='its keyword arguments as JSON, e.g. \'{"cores": 8, "memory": "32GiB"}\'')] = None,
     cluster_jobs: Annotated[int, typer.Option(help="workers (jobqueue: jobs) to ask the cluster for")] = 0,
+    lock_wait: Annotated[float, typer.Option(
+        help="seconds to wait for another run's writer lock on the store (default: fail at once)")] = 0.0,
 ) -> None:
     """Decode, project, caption-embed and store ScanNet scenes."""
     require_dir(raw, "raw dir")
@@ -308,7 +310,7 @@ def preprocess_scannet(
                                 dask_address=dask_address, workers=workers, overwrite=overwrite,
                                 region_captions=region_captions, cluster_class=cluster_class,
                                 cluster_kwargs=json_object(cluster_kwargs, "--cluster-kwargs"),
-                                cluster_jobs=cluster_jobs)
+                                cluster_jobs=cluster_jobs, lock_wait_s=lock_wait)
     typer.echo(format_summaries(summaries))
     if not ok:
         raise typer.Exit(code=1)
@@ -334,6 +336,8 @@ def preprocess_s3dis(
     cluster_kwargs: Annotated[str | None, typer.Option(
         help='its keyword arguments as JSON, e.g. \'{"cores": 8, "memory": "32GiB"}\'')] = None,
     cluster_jobs: Annotated[int, typer.Option(help="workers (jobqueue: jobs) to ask the cluster for")] = 0,
+    lock_wait: Annotated[float, typer.Option(
+        help="seconds to wait for another run's writer lock on the store (default: fail at once)")] = 0.0,
 ) -> None:
     """Store S3DIS rooms: points and labels, and with --views their 2D-3D-S views and captions."""
     require_dir(raw, "raw dir")
@@ -355,7 +359,7 @@ def preprocess_s3dis(
                                 workers=workers, overwrite=overwrite, views=str(views) if views else None,
                                 captions=captions, text_encoder=text_encoder, cluster_class=cluster_class,
                                 cluster_kwargs=json_object(cluster_kwargs, "--cluster-kwargs"),
-                                cluster_jobs=cluster_jobs)
+                                cluster_jobs=cluster_jobs, lock_wait_s=lock_wait)
     typer.echo(format_summaries(summaries))
     if not ok:
         raise typer.Exit(code=1)
@@ -371,11 +375,13 @@ def import_captions(
     text_encoder: Annotated[str | None, typer.Option(
         help="the store's encoder spec (default: the one the store records; openclip:MODEL:CHECKPOINT "
              "for a CLIP store)")] = None,
+    lock_wait: Annotated[float, typer.Option(
+        help="seconds to wait for another run's writer lock on the store (default: fail at once)")] = 0.0,
 ) -> None:
     """Import released PLA / RegionPLC caption files (JSON + index pickle) as region captions."""
     from preprocessing.caption_import import import_captions as run_import  # heavy: loaded per command
 
-    summary = run_import(store, fmt, captions, index, text_encoder=text_encoder)
+    summary = run_import(store, fmt, captions, index, text_encoder=text_encoder, lock_wait_s=lock_wait)
     typer.echo(summary.table())
 
 
@@ -404,6 +410,13 @@ def train(
     random_init: Annotated[bool, typer.Option(
         "--random-init", help="paper: train even without the Stable Diffusion / CLIP weights (random "
                               "frozen parts; tagged random_init on the MLflow run)")] = False,
+    batch_size: Annotated[int | None, typer.Option(help="override the preset's views per step and GPU")
+                          ] = None,
+    amp: Annotated[bool | None, typer.Option(
+        "--amp/--no-amp", help="bf16 autocast on CUDA (default: the preset's; paper is fp32 as the "
+                               "official recipe)")] = None,
+    compile_heads: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", help="torch.compile the 2D heads (default: the preset's, off)")] = None,
 ) -> None:
     """Train XMask3D on one benchmark, tracked in MLflow."""
     require_dir(store, "store")
@@ -416,7 +429,7 @@ def train(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     quiet_library_noise()
     given = {"epochs": epochs, "max_steps": max_steps, "checkpoint_every": checkpoint_every,
-             "checkpoint_dir": checkpoint_dir}
+             "checkpoint_dir": checkpoint_dir, "batch_size": batch_size, "amp": amp, "compile": compile_heads}
     overrides: dict = {k: v for k, v in given.items() if v is not None}
     overrides["evaluate"] = evaluate
     result = run_training(store, benchmark, preset, train_preset(preset, **overrides),

@@ -8,7 +8,13 @@
 - The model is registered as ``xmask3d-<benchmark>`` with an ``mlflow.pyfunc`` flavor
   (:class:`XMask3DPyfunc`) that loads the checkpoint and predicts on a stored scene. Every new
   version gets the alias ``candidate``; ``champion`` moves only when the version passes the
-  promotion rule (:func:`promote_if_better`, docs/training.md "Promotion").
+  promotion rule (:func:`promote_if_better`, docs/training.md "Promotion"). Scores on versions
+  (tags ``hiou``, ``fused/*``, ``baseline/*``, ``promotion.value``) are in percent, like every
+  metric a person reads.
+- Every MLflow call goes through an ``MlflowClient`` of the URI given: nothing here sets the
+  process-wide tracking / registry URI (``mlflow.set_tracking_uri`` also exports
+  ``MLFLOW_TRACKING_URI``, which would send a long-lived process's later runs, and its
+  subprocesses, to whichever server was used last).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -33,8 +40,9 @@ import mlflow.artifacts
 import mlflow.pyfunc
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, Param
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 
 from storage.errors import InputError
 from storage.objects import as_path
@@ -46,7 +54,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 CANDIDATE = "candidate"
 CHAMPION = "champion"
-HIOU_TAG = "hiou"
+HIOU_TAG = "hiou"  # fused hIoU of the version, in percent
+UNIT_TAG, PERCENT = "unit", "percent"  # on a version: its score tags are in percent
 MAX_PARAM_VALUE = 6000
 
 
@@ -280,30 +289,64 @@ def _quiet(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _log_pyfunc_model(client: MlflowClient, run_id: str, checkpoint: Path) -> LoggedModel:
+    """Log the pyfunc model (:class:`XMask3DPyfunc`, ``checkpoint`` as its artifact) as a logged
+    model of the run, through ``client`` only.
+
+    What ``mlflow.pyfunc.log_model`` does, but that one reads the process-wide tracking URI and an
+    active run: setting those would send every later MLflow call of the process (and, through
+    ``MLFLOW_TRACKING_URI``, of the subprocesses it starts) to this run's server.
+    """
+    run = client.get_run(run_id)
+    # the run's parameters on the logged model too, as mlflow.pyfunc.log_model does (the UI's model page)
+    model = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
+                                       params={k: str(v) for k, v in run.data.params.items()})
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        meta = Model(artifact_path=model.artifact_location, run_id=run_id, model_uuid=model.model_id,
+                     model_id=model.model_id)
+        with tempfile.TemporaryDirectory(prefix="xmask3d-model-") as tmp, \
+                _quiet("mlflow.pyfunc", "mlflow.models"):
+            # quiet: MLflow warns that the python_model object is pickled (it holds no state: the
+            # checkpoint is an artifact) and that no signature was inferred (inputs are free-form rows)
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(
+                path=str(local), python_model=XMask3DPyfunc(), artifacts={"checkpoint": str(checkpoint)},
+                mlflow_model=meta,
+                pip_requirements=["torch", "numpy", "pandas", "scipy", "zarr", "mlflow", "xmask3d-pipeline"],
+            )
+            client.log_model_artifacts(model.model_id, str(local))
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    return client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+
+
 def register_model(tracking_uri: str | None, run_id: str, benchmark: str, checkpoint: Path,
                    hiou: float | None = None) -> str:
     """Log the pyfunc model in the run, register a new version, alias it `candidate`.
 
-    Returns the version number as a string. `hiou` is stored as a version tag (for reference;
-    :func:`promote_if_better` records the metrics it judges by).
+    Returns the version number as a string. ``hiou`` (a fraction, as in ``Evaluation.metrics``) is
+    stored as the version tag ``hiou`` in percent (for reference; :func:`promote_if_better`
+    records the metrics it judges by). Every call goes through a client of ``tracking_uri``; the
+    process-wide MLflow state (``mlflow.set_tracking_uri``, ``MLFLOW_TRACKING_URI``) is left alone.
     """
     uri = resolve_tracking_uri(tracking_uri)
     name = registered_model_name(benchmark)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with mlflow.start_run(run_id=run_id), _quiet("mlflow.pyfunc", "mlflow.models"):
-        # quiet: MLflow warns that the python_model object is pickled (it holds no state: the
-        # checkpoint is an artifact) and that no signature was inferred (inputs are free-form rows)
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=XMask3DPyfunc(), artifacts={"checkpoint": str(checkpoint)},
-            registered_model_name=name,
-            pip_requirements=["torch", "numpy", "pandas", "scipy", "zarr", "mlflow", "xmask3d-pipeline"],
-        )
-    version = str(info.registered_model_version)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    model = _log_pyfunc_model(client, run_id, checkpoint)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:  # registered before (or concurrently): a new version of it
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    version = str(client.create_model_version(name, source=model.artifact_location, run_id=run_id,
+                                              model_id=model.model_id).version)
+    tags = {"run_id": run_id}
     if hiou is not None:
-        client.set_model_version_tag(name, version, HIOU_TAG, str(float(hiou)))
-    client.set_model_version_tag(name, version, "run_id", run_id)
+        tags |= {HIOU_TAG: percent_tag(hiou), UNIT_TAG: PERCENT}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CANDIDATE, version)
     return version
 
@@ -314,6 +357,7 @@ def register_model(tracking_uri: str | None, run_id: str, benchmark: str, checkp
 PRIMARY_HEAD = "fused"  # the head models are compared by
 PROMOTION_TAG = "promotion"  # "champion" or "candidate", on the version and its run
 PROMOTION_METRICS = ("hiou", "miou_all", "miou_base", "miou_novel")  # stored as version tags
+SCORE_TAGS = tuple(f"{head}/{key}" for key in PROMOTION_METRICS for head in (PRIMARY_HEAD, "baseline"))
 
 
 @dataclass(frozen=True)
@@ -323,7 +367,7 @@ class Promotion:
     version: str
     promoted: bool
     metric: str  # e.g. "fused/hiou"
-    value: float
+    value: float  # of ``metric``, a fraction as in ``Evaluation.metrics`` (tagged in percent)
     reason: str
 
     @property
@@ -358,71 +402,99 @@ def _value(metrics: Mapping[str, Any], key: str) -> float:
         return math.nan
 
 
-def promotion_verdict(metrics: Mapping[str, float], champion: Mapping[str, float] | None,
+def percent_tag(fraction: float) -> str:
+    """A score (a fraction, as in ``Evaluation.metrics``) as a tag value: in percent, like the
+    MLflow metrics (``eval/*``), tables and charts a person compares it with."""
+    return str(100.0 * float(fraction))
+
+
+def as_scores(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The scores the promotion rule reads (:data:`SCORE_TAGS`), from fractions to percent."""
+    return {key: 100.0 * _value(metrics, key) for key in SCORE_TAGS if key in metrics}
+
+
+def recorded_scores(tags: Mapping[str, str]) -> dict[str, float]:
+    """The scores recorded on a version's tags, in percent. A version tagged before the tags were
+    in percent has no ``unit`` tag: its scores are fractions and are scaled here, so an old champion
+    is still compared on the same scale."""
+    scale = 1.0 if tags.get(UNIT_TAG) == PERCENT else 100.0
+    return {key: scale * _value(tags, key) for key in SCORE_TAGS if key in tags}
+
+
+def _pct(value: float) -> str:
+    return f"{value:.2f} %"
+
+
+def promotion_verdict(scores: Mapping[str, float], champion: Mapping[str, float] | None,
                       champion_version: str | None = None) -> tuple[bool, str, str]:
     """The rule, without MLflow: -> (promote?, primary metric, reason).
 
-    A model is promoted only when (1) its primary metric and fused mIoU over all classes are
-    finite, (2) its mIoU over all classes beats the majority-class baseline of the same evaluation
-    (the baseline never predicts a novel class, so its hIoU is 0 by construction: mIoU over all
-    classes is where a constant prediction scores), and (3) it beats the champion's recorded
-    value of the primary metric (``champion``: metric -> value; None when there is no champion; a
-    champion without a finite value for the metric is beaten).
+    ``scores``: the evaluation's scores in percent (:func:`as_scores`); ``champion``: the scores
+    recorded on the champion's version, in percent (:func:`recorded_scores`), or None when there
+    is no champion. A model is promoted only when (1) its primary metric and fused mIoU over all
+    classes are finite, (2) its mIoU over all classes beats the majority-class baseline of the same
+    evaluation (the baseline never predicts a novel class, so its hIoU is 0 by construction: mIoU
+    over all classes is where a constant prediction scores), and (3) it beats the champion's
+    recorded value of the primary metric (a champion without a finite value for it is beaten).
     """
-    metric = primary_metric(metrics)
-    value, miou_all = _value(metrics, metric), _value(metrics, f"{PRIMARY_HEAD}/miou_all")
+    metric = primary_metric(scores)
+    value, miou_all = _value(scores, metric), _value(scores, f"{PRIMARY_HEAD}/miou_all")
     bad = [f"{k}={v}" for k, v in ((metric, value), (f"{PRIMARY_HEAD}/miou_all", miou_all))
            if not math.isfinite(v)]
     if bad:
         return False, metric, "metrics not finite: " + ", ".join(dict.fromkeys(bad))
-    floor = _value(metrics, "baseline/miou_all")
+    floor = _value(scores, "baseline/miou_all")
     if not math.isfinite(floor):
         return False, metric, "no majority-class baseline/miou_all in the evaluation"
     if miou_all <= floor:
         return False, metric, (f"not above the majority-class baseline: {PRIMARY_HEAD}/miou_all "
-                               f"{miou_all:.4f} <= {floor:.4f}")
+                               f"{_pct(miou_all)} <= {_pct(floor)}")
     if champion is None:
-        return True, metric, (f"no champion yet; {PRIMARY_HEAD}/miou_all {miou_all:.4f} beats the "
-                              f"majority-class baseline {floor:.4f}; {metric} {value:.4f}")
+        return True, metric, (f"no champion yet; {PRIMARY_HEAD}/miou_all {_pct(miou_all)} beats the "
+                              f"majority-class baseline {_pct(floor)}; {metric} {_pct(value)}")
     theirs = _value(champion, metric)
     if not math.isfinite(theirs):
         return True, metric, f"champion version {champion_version} has no finite {metric}"
     if value <= theirs:
         return False, metric, (f"not better than champion version {champion_version}: {metric} "
-                               f"{value:.4f} <= {theirs:.4f}")
-    return True, metric, f"beats champion version {champion_version}: {metric} {value:.4f} > {theirs:.4f}"
+                               f"{_pct(value)} <= {_pct(theirs)}")
+    return True, metric, (f"beats champion version {champion_version}: {metric} {_pct(value)} > "
+                          f"{_pct(theirs)}")
 
 
 def promote_if_better(tracking_uri: str | None, benchmark: str, version: str,
                       metrics: Mapping[str, float]) -> Promotion:
-    """Apply the promotion rule to ``version`` evaluated as ``metrics``; move `champion` if it passes.
+    """Apply the promotion rule to ``version`` evaluated as ``metrics`` (fractions, as in
+    ``Evaluation.metrics``); move `champion` if it passes.
 
-    The metrics it was judged by and the decision (tags ``promotion``, ``promotion.metric``,
-    ``promotion.value``, ``promotion.reason``) are recorded on the version and on its run, so the
-    MLflow UI says why a version is or is not the champion.
+    The scores it was judged by (in percent, with the tag ``unit`` = ``percent``) and the decision
+    (tags ``promotion``, ``promotion.metric``, ``promotion.value``, ``promotion.reason``) are
+    recorded on the version and on its run, so the MLflow UI says why a version is or is not the
+    champion.
     """
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name, version = registered_model_name(benchmark), str(version)
     mine = client.get_model_version(name, version)
-    for key in (f"{head}/{key}" for key in PROMOTION_METRICS for head in (PRIMARY_HEAD, "baseline")):
-        if key in metrics:
-            client.set_model_version_tag(name, version, key, str(float(metrics[key])))
-    if f"{PRIMARY_HEAD}/hiou" in metrics:
-        client.set_model_version_tag(name, version, HIOU_TAG, str(float(metrics[f"{PRIMARY_HEAD}/hiou"])))
+    scores = as_scores(metrics)
+    tags = {key: str(value) for key, value in scores.items()}
+    if f"{PRIMARY_HEAD}/hiou" in scores:
+        tags[HIOU_TAG] = tags[f"{PRIMARY_HEAD}/hiou"]
+    for key, value in {**tags, UNIT_TAG: PERCENT}.items():
+        client.set_model_version_tag(name, version, key, value)
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
     if champion is not None and str(champion.version) == version:
-        metric = champion.tags.get(f"{PROMOTION_TAG}.metric") or primary_metric(metrics)
+        metric = champion.tags.get(f"{PROMOTION_TAG}.metric") or primary_metric(scores)
         return Promotion(version, True, metric, _value(metrics, metric), "already the champion")
-    recorded = None if champion is None else {k: v for k, v in champion.tags.items()}
-    promoted, metric, reason = promotion_verdict(metrics, recorded,
+    recorded = None if champion is None else recorded_scores(champion.tags)
+    promoted, metric, reason = promotion_verdict(scores, recorded,
                                                  None if champion is None else str(champion.version))
     result = Promotion(version, promoted, metric, _value(metrics, metric), reason)
     tags = {PROMOTION_TAG: result.outcome, f"{PROMOTION_TAG}.metric": metric,
-            f"{PROMOTION_TAG}.value": str(result.value), f"{PROMOTION_TAG}.reason": reason}
+            f"{PROMOTION_TAG}.value": str(_value(scores, metric)), f"{PROMOTION_TAG}.reason": reason}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
         if mine.run_id:
@@ -486,11 +558,11 @@ def resolve_model(model: str, tracking_uri: str | None, download_dir: Path) -> t
             else:
                 name, number = ref.rsplit("/", 1)
                 version = client.get_model_version(name, number)
-
-            # models:/ resolution reads the process-wide URIs (the argument alone is not enough)
-            mlflow.set_tracking_uri(uri)
-            mlflow.set_registry_uri(uri)
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(download_dir)))
+            # the files of the version just resolved (an alias may move meanwhile), read through
+            # this URI, never the process-wide one
+            source = client.get_model_version_download_uri(name, version.version)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(download_dir),
+                                                             tracking_uri=uri, registry_uri=uri))
         except (MlflowException, ValueError) as error:
             reason = redact(str(error), secrets_in_url(uri))
             raise InputError(f"model {model}: not found in the registry at {redact_url(uri)} ({reason})") \

@@ -73,6 +73,7 @@ from xmask3d.network.config import SWITCHES, check_switches, missing_pretrained,
 from xmask3d.network.config import preset as model_preset
 from xmask3d.network.losses import compute_losses
 from xmask3d.network.model import build_model
+from xmask3d.network.precision import FrozenWeights
 
 log = logging.getLogger(__name__)
 
@@ -430,6 +431,9 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
     ckpt_path = checkpoint_dir / LAST_NAME
     group_names = [g["name"] for g in groups]
     use_amp = cfg.amp and device.type == "cuda"
+    if cfg.amp and not use_amp:
+        (logger or log).warning("amp: bf16 autocast runs on CUDA only; training in float32 on %s", device)
+    frozen = FrozenWeights(model, torch.bfloat16) if use_amp else None
     last: dict[str, float] = {}
     written: Path | None = None
 
@@ -452,8 +456,11 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
             transfer({})  # no checkpoint of weights updated with a non-finite loss
         rng = _gather_rng(info)
         if info.is_main:
+            state = model_state(model, skip_prefixes)
+            if frozen is not None:  # the original frozen weights, also while the steps hold bf16 ones
+                state |= {k: v for k, v in frozen.original_state().items() if k in state}
             written = save_checkpoint(ckpt_path, {
-                "model": model_state(model, skip_prefixes), "optimizer": optimizer.state_dict(),
+                "model": state, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng, "step": step,
                 "epoch": step // iters_per_epoch, "train_config": cfg.to_dict(), **(meta or {}),
             })
@@ -476,22 +483,26 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | 
                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
         sums: dict[str, float] = {}
         progress.start_epoch(epoch, offset)
-        for batch in loader:
-            values = train_step(train_model, batch, epoch, loss_fn, optimizer, device=device,
-                                grad_clip=cfg.grad_clip, amp=use_amp)
-            nonfinite.add_(~torch.isfinite(values["loss/loss"]))  # read at the next transfer
-            lrs = {f"lr/{n}": g["lr"] for n, g in zip(group_names, optimizer.param_groups, strict=True)}
-            scheduler.step()
-            step += 1
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + value
-            if step % cfg.log_every == 0 or step == total_steps:  # the one transfer to the host
-                last = {**transfer(values), **lrs, "epoch": step / iters_per_epoch}
-                if on_log is not None and info.is_main:
-                    on_log(last, step)
-            progress.update(step, last)  # the values of the last transfer
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save()
+        # under bf16 autocast the frozen conv/linear weights are stored in bf16 for the epoch's
+        # steps (bit-identical, no per-step copies; network/precision.py), the float32 originals
+        # again before validation, which runs without autocast
+        with frozen.lowered() if frozen is not None else nullcontext():
+            for batch in loader:
+                values = train_step(train_model, batch, epoch, loss_fn, optimizer, device=device,
+                                    grad_clip=cfg.grad_clip, amp=use_amp)
+                nonfinite.add_(~torch.isfinite(values["loss/loss"]))  # read at the next transfer
+                lrs = {f"lr/{n}": g["lr"] for n, g in zip(group_names, optimizer.param_groups, strict=True)}
+                scheduler.step()
+                step += 1
+                for key, value in values.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                if step % cfg.log_every == 0 or step == total_steps:  # the one transfer to the host
+                    last = {**transfer(values), **lrs, "epoch": step / iters_per_epoch}
+                    if on_log is not None and info.is_main:
+                        on_log(last, step)
+                progress.update(step, last)  # the values of the last transfer
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    save()
         count = max(1, len(batches))
         progress.end_epoch(epoch, step, float(sums.get("loss/loss", float("nan"))) / count, last)
         if step % iters_per_epoch == 0 or step == total_steps:
