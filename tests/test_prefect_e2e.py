@@ -152,7 +152,7 @@ def prefect_stack(tmp_path_factory):
         "PREFECT_CLI_PROMPT": "false",
         "PREFECT_CLI_COLORS": "false",
         "PREFECT_CLI_WRAP_LINES": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",  # a scheduled run waits <= 1 s for its worker
         "COLUMNS": "250",
     })
     procs: list[subprocess.Popen] = []
