@@ -1,4 +1,5 @@
-"""Shared fixtures: synthetic raw datasets (built once per session) and a preprocessed store.
+"""Shared fixtures: synthetic raw datasets (built once per session), a preprocessed store, one
+temporary Prefect API and one moto S3 server per session.
 
 Tests never touch the user's Prefect home or MLflow store: Prefect gets a temporary home for the
 whole session (set before Prefect reads its settings), MLflow tests pass temporary sqlite URIs.
@@ -16,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tests.fixtures_data import *  # noqa: E402,F401,F403
+from tests.fixtures_prefect import *  # noqa: E402,F401,F403
 from tests.fixtures_s3 import *  # noqa: E402,F401,F403
 from tests.fixtures_store import *  # noqa: E402,F401,F403
 

@@ -91,11 +91,11 @@ def test_cli_ablate_rejects_bad_input_before_anything_runs(synthetic_store, tmp_
 
 
 @pytest.mark.slow
-def test_ablate_flow_two_variants_nested_runs_table_and_parameter_counts(synthetic_store, tmp_path):
+def test_ablate_flow_two_variants_nested_runs_table_and_parameter_counts(prefect_api, synthetic_store,
+                                                                         tmp_path):
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.ablate import ablate
     from xmask3d.engine.checkpoint import load_checkpoint
@@ -103,16 +103,15 @@ def test_ablate_flow_two_variants_nested_runs_table_and_parameter_counts(synthet
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     train_config = {"max_steps": 2, "loop": 2, "batch_size": 2, "checkpoint_every": 0,
                     "checkpoint_dir": str(tmp_path / "ckpt")}
-    with prefect_test_harness(server_startup_timeout=120):
-        state = ablate(store=str(synthetic_store), benchmark=BENCH, preset="tiny",
-                       variants=["full", "no-fusion+no-binary-head"], train_config=train_config,
-                       tracking_uri=uri, max_views=1, panel_scenes=1, return_state=True)
-        assert state.is_completed()
-        result = state.result()
-        with get_client(sync_client=True) as client:
-            found = client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[f"ablate-{BENCH}"]),
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    state = ablate(store=str(synthetic_store), benchmark=BENCH, preset="tiny",
+                   variants=["full", "no-fusion+no-binary-head"], train_config=train_config,
+                   tracking_uri=uri, max_views=1, panel_scenes=1, return_state=True)
+    assert state.is_completed()
+    result = state.result()
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"ablate-{BENCH}"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     assert found and found[0].type == "table"
     table = json.loads(found[0].data)
     assert [row["variant"] for row in table] == ["full", "no-fusion+no-binary-head"]

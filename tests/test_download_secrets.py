@@ -29,7 +29,8 @@ def _forms(secret: str) -> list[bytes]:
 
 
 def _prefect_bytes() -> bytes:
-    """Every file of the test API's database (with its WAL) and of PREFECT_HOME."""
+    """Every file of the test API's database (with its WAL; the session's, so other tests' runs are
+    in it too) and of PREFECT_HOME."""
     from prefect.settings import get_current_settings
 
     db = Path(get_current_settings().server.database.connection_url.get_secret_value().split("///", 1)[1])
@@ -39,11 +40,10 @@ def _prefect_bytes() -> bytes:
 
 
 @pytest.mark.slow
-def test_flow_with_the_url_in_the_environment_leaks_no_token(synthetic_scannet, tmp_path, monkeypatch, caplog,
-                                                             capfd):
+def test_flow_with_the_url_in_the_environment_leaks_no_token(prefect_api, synthetic_scannet, tmp_path,
+                                                             monkeypatch, caplog, capfd):
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
-    from prefect.testing.utilities import prefect_test_harness
 
     first = sorted(p.name for p in (Path(synthetic_scannet) / "scans").iterdir())[0]
     served = tmp_path / "served"
@@ -51,8 +51,7 @@ def test_flow_with_the_url_in_the_environment_leaks_no_token(synthetic_scannet, 
                     ignore=lambda d, names: [n for n in names if n.startswith("scene") and n != first
                                              and Path(d).name == "scans"])
     raw, store = tmp_path / "raw", tmp_path / "s.zarr"
-    with caplog.at_level(logging.INFO), prefect_test_harness(server_startup_timeout=120), \
-            serve_directory(served) as url:
+    with caplog.at_level(logging.INFO), serve_directory(served) as url:
         monkeypatch.setenv("XMASK3D_SCANNET_URL", f"{url}/{TOKEN}/v2?key={TOKEN}")
         summaries = pf.preprocess(raw_dir=str(raw), store=str(store), url_from="env", scenes=[first],
                                   captions="none", workers=1)

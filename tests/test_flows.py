@@ -1,7 +1,7 @@
 """The Prefect flows: task functions through ``.fn`` (no API), the preprocess flow on the ephemeral API.
 
-The flow tests share one ``prefect_test_harness`` (a temporary API server and database) for the
-session, since it takes seconds to start. The server-and-worker path is in test_prefect_e2e.py.
+The flow tests share the session's ``prefect_test_harness`` (the ``prefect_api`` fixture of
+tests/fixtures_prefect.py). The server-and-worker path is in test_prefect_e2e.py.
 """
 
 from __future__ import annotations
@@ -20,15 +20,6 @@ from storage.store import open_store
 from tests.http_server import serve_directory
 from tests.test_pipeline import assert_same_scene
 from tests.worker_probe import heavy_modules
-
-
-@pytest.fixture(scope="session")
-def prefect_api():
-    """One temporary Prefect API for every flow test of the session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def scene_ids(raw: Path) -> list[str]:

@@ -153,25 +153,35 @@ def test_cli_preprocess_flow_writes_into_the_bucket(synthetic_scannet, synthetic
     """`xmask3d preprocess scannet --out s3://...` through the Prefect flow, on a Dask cluster named
     by its class path and keyword arguments (the code path of dask_jobqueue.SLURMCluster)."""
     url = s3_bucket.url("cli", "scannet.zarr")
+    raw = ["--raw", str(synthetic_scannet)]
+    # bad input is refused before anything is written: checked side by side with the real run
+    refused = {
+        "credentials": [*raw, "--out", f"s3://AKIAKEY:hunter2secret@{s3_bucket.name}/x.zarr"],
+        "class": [*raw, "--out", s3_bucket.url("noclass.zarr"),
+                  "--cluster-class", "dask_jobqueue.NoSuchCluster"],
+    }
+    procs = {name: subprocess.Popen([XMASK3D, "preprocess", "scannet", *args], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+             for name, args in refused.items()}
     kwargs = '{"n_workers": 1, "threads_per_worker": 1, "processes": true, "dashboard_address": null}'
-    done = subprocess.run([XMASK3D, "preprocess", "scannet", "--raw", str(synthetic_scannet), "--out", url,
-                           "--scenes", "scene0000_00", "--cluster-class", "distributed.LocalCluster",
-                           "--cluster-kwargs", kwargs],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    try:
+        done = subprocess.run([XMASK3D, "preprocess", "scannet", *raw, "--out", url,
+                               "--scenes", "scene0000_00", "--cluster-class", "distributed.LocalCluster",
+                               "--cluster-kwargs", kwargs],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        output = {name: proc.communicate(timeout=600)[0] for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            stop(proc)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "1 written, 0 skipped, 0 failed" in done.stdout
     store = open_store(url)
     assert store.scene_ids() == ["scene0000_00"]
     _assert_same_scene(open_store(synthetic_store).scene("scene0000_00"), store.scene("scene0000_00"))
-    bad = subprocess.run([XMASK3D, "preprocess", "scannet", "--raw", str(synthetic_scannet), "--out",
-                          f"s3://AKIAKEY:hunter2secret@{s3_bucket.name}/x.zarr"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert bad.returncode == 2 and "refused" in bad.stderr + bad.stdout
-    assert "hunter2secret" not in bad.stdout + bad.stderr
-    no_class = subprocess.run([XMASK3D, "preprocess", "scannet", "--raw", str(synthetic_scannet),
-                               "--out", url, "--cluster-class", "dask_jobqueue.NoSuchCluster"],
-                              capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert no_class.returncode == 2 and "not a Dask cluster class" in no_class.stdout + no_class.stderr
+    assert procs["credentials"].returncode == 2 and "refused" in output["credentials"]
+    assert "hunter2secret" not in output["credentials"]
+    assert procs["class"].returncode == 2 and "not a Dask cluster class" in output["class"]
+    assert not s3_bucket.keys("x.zarr") and not s3_bucket.keys("noclass.zarr")
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ the flow runs' working directory, so the deployments' default relative paths ``d
 ``sqlite:///mlruns.db`` land there), and starts one worker per pool (``cpu-worker``,
 ``gpu-worker``). It serves a synthetic raw ScanNet dataset over HTTP (so the flow's download task
 is real) and runs deployments with ``prefect deployment run ... --watch``: preprocess -> train ->
-evaluate with the default parameters, then retrain, which hands training and evaluation to the gpu
-pool. Checks go through the server's REST API (final states, state messages, logs, artifacts, which
-worker submitted each flow run) and the MLflow registry. Workers and server are stopped by pid
-(TERM, then INT, then KILL).
+evaluate with the default parameters and, side by side with that evaluation, retrain, which hands
+training and evaluation to the gpu pool (independent runs go side by side to save wall time: each
+flow run's start-up, mostly imports, takes seconds). Checks go through the server's REST API (final
+states, state messages, logs, artifacts, which worker submitted each flow run) and the MLflow
+registry. Workers and server are stopped by pid (TERM, then INT, then KILL).
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ GOOD_TRAIN = {"train_config": {"max_steps": 64}, "caption_supervision": "region"
 WORSE_TRAIN = {"max_steps": 1, "lr_3d": 0.0, "lr_other": 0.0}
 
 
+def finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for a CLI process started with pipes; stopped by pid (and the test failed) past ``timeout``."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 class PrefectStack:
     """A running server + worker with the deployments registered; CLI and REST helpers."""
 
@@ -51,9 +63,12 @@ class PrefectStack:
         self.home, self.project, self.api, self.env = home, project, api, env
         self.http = httpx.Client(base_url=api, timeout=30)
 
+    def start_cli(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([PREFECT, *args], cwd=self.project, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([PREFECT, *args], cwd=self.project, env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
+        return finish(self.start_cli(*args), timeout)
 
     def logs_of_services(self) -> str:
         return "\n".join(f"--- {name} ---\n{tail(self.home / name)}"
@@ -61,11 +76,26 @@ class PrefectStack:
 
     def run_deployment(self, name: str, params: dict) -> tuple[subprocess.CompletedProcess, str]:
         """``prefect deployment run NAME --params JSON --watch``; returns the result and the flow run id."""
-        args = ["--params", json.dumps(params)] if params else []
-        result = self.cli("deployment", "run", name, *args, "--watch", "--watch-timeout", "500", timeout=550)
-        found = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout)
-        assert found, f"no flow run id in:\n{result.stdout}\n{result.stderr}\n{self.logs_of_services()}"
-        return result, found.group(1)
+        [done] = self.run_deployments((name, params))
+        return done
+
+    def run_deployments(self, *runs: tuple[str, dict]) -> list[tuple[subprocess.CompletedProcess, str]]:
+        """Several ``prefect deployment run ... --watch`` at once (the worker runs their flow runs side
+        by side); the result and flow run id of each, in order."""
+        procs = [self.start_cli("deployment", "run", name, *(["--params", json.dumps(p)] if p else []),
+                                "--watch", "--watch-timeout", "500")
+                 for name, p in runs]
+        try:
+            results = [finish(proc, 550) for proc in procs]
+        finally:
+            for proc in procs:
+                stop(proc)
+        done = []
+        for result in results:
+            found = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout)
+            assert found, f"no flow run id in:\n{result.stdout}\n{result.stderr}\n{self.logs_of_services()}"
+            done.append((result, found.group(1)))
+        return done
 
     def flow_run(self, flow_run_id: str) -> dict:
         response = self.http.get(f"/flow_runs/{flow_run_id}")
@@ -122,7 +152,7 @@ def prefect_stack(tmp_path_factory):
         "PREFECT_CLI_PROMPT": "false",
         "PREFECT_CLI_COLORS": "false",
         "PREFECT_CLI_WRAP_LINES": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",  # a scheduled run waits <= 1 s for its worker
         "COLUMNS": "250",
     })
     procs: list[subprocess.Popen] = []
@@ -134,18 +164,19 @@ def prefect_stack(tmp_path_factory):
         wait_healthy(f"{api}/health", server, home / "server.log")
         stack = PrefectStack(home, project, api, env)
 
-        for pool_name in POOLS:
-            pool = stack.cli("work-pool", "create", pool_name, "--type", "process")
+        # the pools, then (while the workers start up) the deployments; CLI processes side by side
+        creating = [stack.start_cli("work-pool", "create", name, "--type", "process") for name in POOLS]
+        procs += creating
+        for pool in [finish(proc, 300) for proc in creating]:
             assert pool.returncode == 0, pool.stdout + pool.stderr
-        deploy = stack.cli("--no-prompt", "deploy", "--all")
-        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-
         for pool_name in POOLS:
             with open(home / f"{pool_name}-worker.log", "w") as log:
                 worker = subprocess.Popen(
                     [PREFECT, "worker", "start", "--pool", pool_name, "--name", f"{pool_name}-worker"],
                     cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
             procs.append(worker)
+        deploy = stack.cli("--no-prompt", "deploy", "--all")
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         yield stack
     finally:
         for proc in reversed(procs):
@@ -191,8 +222,9 @@ def test_preprocess_deployment_downloads_stores_and_skips_on_rerun(prefect_stack
     stored = b"".join(p.read_bytes() for p in prefect_stack.home.glob("*.db*"))
     assert str(raw).encode() in stored  # the database does hold this run's parameters
     assert token.encode() not in stored
-    assert token not in tail(prefect_stack.home / "server.log", 10**9)
-    assert token not in tail(prefect_stack.home / "worker.log", 10**9)
+    for log in ("server.log", "cpu-worker.log", "gpu-worker.log"):
+        assert (prefect_stack.home / log).is_file(), log
+        assert token not in tail(prefect_stack.home / log, 10**9), log
 
     # the download was real: the raw files are there, and the store holds both scenes
     assert all((raw / "scans" / s / f"{s}.sens").is_file() for s in SCENES)
@@ -216,18 +248,17 @@ def test_preprocess_deployment_downloads_stores_and_skips_on_rerun(prefect_stack
 
 def test_bad_raw_dir_and_unknown_scene_fail_with_the_message(prefect_stack, synthetic_scannet, tmp_path):
     missing = tmp_path / "no-such-dir"
-    result, run_id = prefect_stack.run_deployment(
-        "preprocess/scannet", {"raw_dir": str(missing), "store": str(tmp_path / "a.zarr")})
+    (result, run_id), (unknown, unknown_id) = prefect_stack.run_deployments(  # side by side
+        ("preprocess/scannet", {"raw_dir": str(missing), "store": str(tmp_path / "a.zarr")}),
+        ("preprocess/scannet", {"raw_dir": str(synthetic_scannet), "store": str(tmp_path / "b.zarr"),
+                                "scenes": ["scene0999_00"]}))
     assert result.returncode == 1
     state = prefect_stack.flow_run(run_id)["state"]
     assert state["type"] == "FAILED"
     assert f"raw dir {missing} does not exist" in state["message"]
 
-    result, run_id = prefect_stack.run_deployment(
-        "preprocess/scannet", {"raw_dir": str(synthetic_scannet), "store": str(tmp_path / "b.zarr"),
-                               "scenes": ["scene0999_00"]})
-    assert result.returncode == 1
-    state = prefect_stack.flow_run(run_id)["state"]
+    assert unknown.returncode == 1
+    state = prefect_stack.flow_run(unknown_id)["state"]
     assert state["type"] == "FAILED"
     assert "unknown scenes scene0999_00" in state["message"]
     assert not (tmp_path / "b.zarr").exists()  # inputs are checked before the store is created
@@ -255,8 +286,13 @@ def test_pipeline_with_default_parameters_promotes_only_the_better_model(prefect
     assert champion.tags["promotion"] == "champion" and champion.tags["promotion.metric"] == "fused/hiou"
     assert "no champion yet" in champion.tags["promotion.reason"]
 
-    # evaluate/scannet20-b15n4 with every default evaluates the promoted champion
-    result, evaluate_id = stack.run_deployment("evaluate/scannet20-b15n4", {})
+    # side by side (neither needs the other: the promotion rule reads the champion's version tags):
+    # evaluate/scannet20-b15n4 with every default evaluates the promoted champion, and retrain (on the
+    # cpu pool) hands a deliberately worse model's training and evaluation to the gpu pool
+    params = {"preset": "tiny", "store": "data/scannet.zarr", "sd_dir": None, "clip_checkpoint": None,
+              "train_config": WORSE_TRAIN}
+    (result, evaluate_id), (retrain, retrain_id) = stack.run_deployments(
+        ("evaluate/scannet20-b15n4", {}), ("retrain/scannet20-b15n4", params))
     stack.assert_completed(result, evaluate_id)
     logs = "\n".join(stack.logs(evaluate_id))
     assert f"models:/{MODEL}@champion on scannet20-b15n4" in logs and "no champion" not in logs
@@ -264,12 +300,8 @@ def test_pipeline_with_default_parameters_promotes_only_the_better_model(prefect
     [evaluation] = mlflow.search_runs([experiment], f"tags.mlflow.parentRunId = '{champion.run_id}'")
     assert evaluation.data.tags["model"] == f"models:/{MODEL}@champion"
 
-    # retrain (on the cpu pool) hands a deliberately worse model's training and evaluation to the
-    # gpu pool; the promotion rule keeps the champion and says why on the new version
-    params = {"preset": "tiny", "store": "data/scannet.zarr", "sd_dir": None, "clip_checkpoint": None,
-              "train_config": WORSE_TRAIN}
-    result, retrain_id = stack.run_deployment("retrain/scannet20-b15n4", params)
-    stack.assert_completed(result, retrain_id)
+    # the promotion rule keeps the champion and says why on the new version
+    stack.assert_completed(retrain, retrain_id)
     logs = "\n".join(stack.logs(retrain_id))
     pattern = r"deployment (train|evaluate)/scannet20-b15n4: flow run \S+ \(([0-9a-f-]{36})\)"
     children = dict(re.findall(pattern, logs))

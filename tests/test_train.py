@@ -366,44 +366,4 @@ def test_train_tiny_logs_registers_and_resumes(synthetic_store, tmp_path):
         evaluate(synthetic_store, BENCH, "models:/xmask3d-scannet20-b15n4@nope", tracking_uri=uri)
 
 
-@pytest.mark.slow
-def test_cli_sigkill_then_resume_real_model(synthetic_store, tmp_path):
-    """`xmask3d train` killed with SIGKILL resumes from its last checkpoint (same MLflow run) and
-    ends with the weights of an uninterrupted run."""
-    xmask3d = str(Path(sys.executable).with_name("xmask3d"))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = ["train", "--store", str(synthetic_store), "--benchmark", BENCH, "--preset", "tiny",
-              "--max-steps", "5", "--checkpoint-every", "1", "--no-evaluate", "--tracking-uri", uri]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen([xmask3d, *common, "--checkpoint-dir", str(killed_dir)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        ckpt = None
-        while time.time() < deadline and proc.poll() is None:
-            found = list(killed_dir.glob("*/last.pt"))
-            if found and load_checkpoint(found[0])["step"] >= 2:
-                ckpt = found[0]
-                break
-            time.sleep(0.1)
-        assert ckpt is not None, "no checkpoint before the end of training"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    run_id = ckpt.parent.name
-    step = load_checkpoint(ckpt)["step"]
-    assert 2 <= step < 5
-    done = subprocess.run([xmask3d, *common, "--checkpoint-dir", str(killed_dir), "--resume", run_id],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"MLflow run {run_id}" in done.stdout
-    resumed = load_checkpoint(ckpt)
-    assert resumed["step"] == 5
-    straight = subprocess.run([xmask3d, *common, "--checkpoint-dir", str(tmp_path / "straight")],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    reference = load_checkpoint(next((tmp_path / "straight").glob("*/last.pt")))
-    for name, value in reference["model"].items():
-        assert torch.equal(value, resumed["model"][name]), name
+# `xmask3d train` killed (SIGTERM, SIGKILL) and resumed on the real model: test_train_interrupted.py.
