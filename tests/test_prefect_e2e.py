@@ -7,11 +7,12 @@ the flow runs' working directory, so the deployments' default relative paths ``d
 ``sqlite:///mlruns.db`` land there), and starts one worker per pool (``cpu-worker``,
 ``gpu-worker``). It serves a synthetic raw ScanNet dataset over HTTP (so the flow's download task
 is real) and runs deployments with ``prefect deployment run ... --watch``: preprocess -> train ->
-evaluate with the default parameters and, side by side with that evaluation, retrain, which hands
-training and evaluation to the gpu pool (independent runs go side by side to save wall time: each
-flow run's start-up, mostly imports, takes seconds). Checks go through the server's REST API (final
-states, state messages, logs, artifacts, which worker submitted each flow run) and the MLflow
-registry. Workers and server are stopped by pid (TERM, then INT, then KILL).
+evaluate with the default parameters, then retrain, which hands training and evaluation to the gpu
+pool. Runs that write nothing in common go side by side to save wall time (each flow run's
+start-up, mostly imports, takes seconds); runs that log to the one SQLite MLflow database do not.
+Checks go through the server's REST API (final states, state messages, logs, artifacts, which
+worker submitted each flow run) and the MLflow registry. Workers and server are stopped by pid
+(TERM, then INT, then KILL).
 """
 
 from __future__ import annotations
@@ -286,13 +287,9 @@ def test_pipeline_with_default_parameters_promotes_only_the_better_model(prefect
     assert champion.tags["promotion"] == "champion" and champion.tags["promotion.metric"] == "fused/hiou"
     assert "no champion yet" in champion.tags["promotion.reason"]
 
-    # side by side (neither needs the other: the promotion rule reads the champion's version tags):
-    # evaluate/scannet20-b15n4 with every default evaluates the promoted champion, and retrain (on the
-    # cpu pool) hands a deliberately worse model's training and evaluation to the gpu pool
-    params = {"preset": "tiny", "store": "data/scannet.zarr", "sd_dir": None, "clip_checkpoint": None,
-              "train_config": WORSE_TRAIN}
-    (result, evaluate_id), (retrain, retrain_id) = stack.run_deployments(
-        ("evaluate/scannet20-b15n4", {}), ("retrain/scannet20-b15n4", params))
+    # evaluate/scannet20-b15n4 with every default evaluates the promoted champion (not side by side
+    # with retrain: both would write the one SQLite MLflow database at once)
+    result, evaluate_id = stack.run_deployment("evaluate/scannet20-b15n4", {})
     stack.assert_completed(result, evaluate_id)
     logs = "\n".join(stack.logs(evaluate_id))
     assert f"models:/{MODEL}@champion on scannet20-b15n4" in logs and "no champion" not in logs
@@ -300,8 +297,12 @@ def test_pipeline_with_default_parameters_promotes_only_the_better_model(prefect
     [evaluation] = mlflow.search_runs([experiment], f"tags.mlflow.parentRunId = '{champion.run_id}'")
     assert evaluation.data.tags["model"] == f"models:/{MODEL}@champion"
 
-    # the promotion rule keeps the champion and says why on the new version
-    stack.assert_completed(retrain, retrain_id)
+    # retrain (on the cpu pool) hands a deliberately worse model's training and evaluation to the
+    # gpu pool; the promotion rule keeps the champion and says why on the new version
+    params = {"preset": "tiny", "store": "data/scannet.zarr", "sd_dir": None, "clip_checkpoint": None,
+              "train_config": WORSE_TRAIN}
+    result, retrain_id = stack.run_deployment("retrain/scannet20-b15n4", params)
+    stack.assert_completed(result, retrain_id)
     logs = "\n".join(stack.logs(retrain_id))
     pattern = r"deployment (train|evaluate)/scannet20-b15n4: flow run \S+ \(([0-9a-f-]{36})\)"
     children = dict(re.findall(pattern, logs))

@@ -367,3 +367,26 @@ def test_train_tiny_logs_registers_and_resumes(synthetic_store, tmp_path):
 
 
 # `xmask3d train` killed (SIGTERM, SIGKILL) and resumed on the real model: test_train_interrupted.py.
+
+
+def test_thread_count_applies_before_anything_computes(synthetic_store, tmp_path, monkeypatch):
+    """The recipe's intra-op thread count is set before the text embeddings and the model are
+    computed, so a run's numbers do not depend on the thread count an earlier job left behind."""
+    from xmask3d.engine import train as train_mod
+
+    seen: list[int] = []
+
+    def encoder_probe(name):
+        seen.append(torch.get_num_threads())
+        raise InterruptedError("stop after the probe")
+
+    monkeypatch.setattr(train_mod, "build_text_encoder", encoder_probe)
+    monkeypatch.setattr(train_mod, "fit", _no_fit)
+    before = torch.get_num_threads()
+    cfg = train_preset("tiny", checkpoint_dir=str(tmp_path / "ckpt"), torch_threads=3)
+    try:
+        with pytest.raises(InterruptedError):
+            train_mod.train(synthetic_store, BENCH, "tiny", cfg, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [3]

@@ -627,6 +627,8 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
     cfg = cfg or train_preset(preset)
     if cfg.preset != preset:
         raise InputError(f"training config is for preset {cfg.preset!r}, not {preset!r}")
+    if cfg.torch_threads > 0:  # before anything computes (text embeddings, model init), so that a
+        torch.set_num_threads(cfg.torch_threads)  # run's numbers do not depend on what ran before it
     model_cfg = with_switches(model_preset(preset, sd_dir=sd_dir, clip_checkpoint=clip_checkpoint),
                               **(switches or {}))
     random_parts = missing_pretrained(model_cfg)
