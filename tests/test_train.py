@@ -390,3 +390,41 @@ def test_thread_count_applies_before_anything_computes(synthetic_store, tmp_path
     finally:
         torch.set_num_threads(before)
     assert seen == [3]
+
+
+def test_a_run_in_training_cannot_be_resumed_by_a_second_process(synthetic_store, tmp_path):
+    """While a live process holds a run's training lease, resuming that run fails with one line
+    naming the holder and leaves the MLflow record alone; once the lease is free the resume
+    proceeds (here up to the empty checkpoint's weights) and gives the lease back when it ends."""
+    from mlflow import MlflowClient
+
+    from preprocessing.text import build_text_encoder
+    from storage.lease import Lease
+    from xmask3d.engine import train as train_mod
+    from xmask3d.engine.checkpoint import save_checkpoint
+    from xmask3d.engine.tracking import RunTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = RunTracker(uri, BENCH).run_id
+    root = tmp_path / "ckpt"
+    save_checkpoint(root / run_id / "last.pt", {
+        "model": {}, "preset": "tiny", "benchmark": BENCH, "run_id": run_id, "step": 3,
+        "text_encoder": {"name": build_text_encoder("minilm").name}})
+    cfg = train_preset("tiny", checkpoint_dir=str(root))
+    lock = root / run_id / ".train.lock"
+    holder = Lease(lock, "another training process").acquire()  # a live owner: this process
+    try:
+        with pytest.raises(InputError) as refused:
+            train_mod.train(synthetic_store, BENCH, "tiny", cfg, tracking_uri=uri, resume=run_id)
+    finally:
+        holder.release()
+    message = str(refused.value)
+    assert f"MLflow run {run_id}" in message and f"pid {os.getpid()}" in message, message
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert "resume.count" not in run.data.tags and run.info.status == "RUNNING"
+
+    with pytest.raises(InputError, match="does not fit the model"):  # past the lease
+        train_mod.train(synthetic_store, BENCH, "tiny", cfg, tracking_uri=uri, resume=run_id)
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.data.tags["resume.count"] == "1" and run.info.status == "FAILED"
+    assert not lock.exists()

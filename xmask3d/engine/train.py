@@ -45,6 +45,7 @@ from preprocessing.text import build_text_encoder
 from storage.benchmarks import get_benchmark
 from storage.dataset import SceneViewDataset, collate_scenes
 from storage.errors import InputError
+from storage.lease import Lease
 from storage.objects import as_path
 from storage.store import open_store
 from xmask3d.engine import tracking
@@ -675,29 +676,54 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
         raise InputError(f"{resume}: checkpoint was trained with text encoder "
                          f"{payload.get('text_encoder')}, the preset uses {encoder.name}")
 
-    run = None
-    if info.is_main:
-        tags = {"preset": preset, "store": str(store_path.resolve())}
-        if random_init:
-            tags["random_init"] = "true"
-            tags["random_init.parts"] = "; ".join(random_parts) or "none (every pretrained weight present)"
-        run = tracking.RunTracker(uri, benchmark, run_id=run_id, run_name=f"{benchmark}-{preset}", tags=tags)
-        run.log_params({"train": cfg.to_dict(), "model": dataclasses.asdict(model_cfg),
-                        "protocol": evaluation_protocol(bench, cfg.eval_max_views, encoder.name),
-                        "data": {"store": str(store_path.resolve()), "benchmark": benchmark,
-                                 "train_scenes": len(store.train_scenes), "val_scenes": len(store.val_scenes),
-                                 "text_encoder": encoder.name, "text_dim": encoder.dim},
-                        "world_size": info.world_size})
-    run_id = _broadcast(run.run_id if run else None, info)
+    run, lease = None, None
     try:
-        with _terminate_raises():
-            result = _train_model(store_path, bench, preset, cfg, model_cfg, encoder, info, run, run_id,
-                                  checkpoint_root / run_id, payload, weights, logger or log)
-    except BaseException as error:  # the run must not stay RUNNING; only SIGKILL leaves it so
-        if run is not None:
-            run.end("KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED")
-        raise
+        if info.is_main:
+            if run_id is not None:  # before the resumed run's record changes
+                lease = hold_run(checkpoint_root, run_id)
+            tags = {"preset": preset, "store": str(store_path.resolve())}
+            if random_init:
+                tags["random_init"] = "true"
+                tags["random_init.parts"] = ("; ".join(random_parts)
+                                             or "none (every pretrained weight present)")
+            run = tracking.RunTracker(uri, benchmark, run_id=run_id, run_name=f"{benchmark}-{preset}",
+                                      tags=tags)
+            lease = lease or hold_run(checkpoint_root, run.run_id)
+            run.log_params({"train": cfg.to_dict(), "model": dataclasses.asdict(model_cfg),
+                            "protocol": evaluation_protocol(bench, cfg.eval_max_views, encoder.name),
+                            "data": {"store": str(store_path.resolve()), "benchmark": benchmark,
+                                     "train_scenes": len(store.train_scenes),
+                                     "val_scenes": len(store.val_scenes),
+                                     "text_encoder": encoder.name, "text_dim": encoder.dim},
+                            "world_size": info.world_size})
+        run_id = _broadcast(run.run_id if run else None, info)
+        try:
+            with _terminate_raises():
+                result = _train_model(store_path, bench, preset, cfg, model_cfg, encoder, info, run, run_id,
+                                      checkpoint_root / run_id, payload, weights, logger or log)
+        except BaseException as error:  # the run must not stay RUNNING; only SIGKILL leaves it so
+            if run is not None:
+                run.end("KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED")
+            raise
+    finally:
+        if lease is not None:
+            lease.release()
     return result
+
+
+def hold_run(checkpoint_root: Path, run_id: str) -> Lease:
+    """The training lease of MLflow run ``run_id`` (``<checkpoint_dir>/<run_id>/.train.lock``).
+
+    One process trains a run at a time: a second ``train`` resuming the same run (a double start, a
+    retried flow run whose first attempt still trains) would log the same steps twice and overwrite
+    the first's checkpoints. It fails with one line naming the owner (pid, host, since when). A
+    lease whose process is gone (SIGKILL, power loss) is taken over, which is what a resume after a
+    kill does. The lease is local to the checkpoint directory's file system.
+    """
+    directory = checkpoint_root / run_id
+    directory.mkdir(parents=True, exist_ok=True)
+    return Lease(directory / RUN_LEASE_NAME, f"train MLflow run {run_id}").acquire(
+        what=f"MLflow run {run_id} (checkpoints {directory})")
 
 
 def random_init_text_encoder(store_path: Path, store: StoreInfo) -> str:
@@ -740,6 +766,7 @@ def is_3d_parameter(name: str) -> bool:
 
 BEST_NAME = "best.pt"  # the checkpoint with the best validation score, beside last.pt
 BEST_RECORD = "best.json"  # {"step", "metric", "value"} of best.pt (read back on resume)
+RUN_LEASE_NAME = ".train.lock"  # held while a process trains the run (hold_run)
 
 
 def _read_best(checkpoint_dir: Path) -> dict[str, Any] | None:
