@@ -386,7 +386,8 @@ def test_thread_count_applies_before_anything_computes(synthetic_store, tmp_path
     cfg = train_preset("tiny", checkpoint_dir=str(tmp_path / "ckpt"), torch_threads=3)
     try:
         with pytest.raises(InterruptedError):
-            train_mod.train(synthetic_store, BENCH, "tiny", cfg, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+            train_mod.train(synthetic_store, BENCH, "tiny", cfg,
+                            tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     finally:
         torch.set_num_threads(before)
     assert seen == [3]
@@ -428,3 +429,37 @@ def test_a_run_in_training_cannot_be_resumed_by_a_second_process(synthetic_store
     run = MlflowClient(tracking_uri=uri).get_run(run_id)
     assert run.data.tags["resume.count"] == "1" and run.info.status == "FAILED"
     assert not lock.exists()
+
+
+def test_a_new_run_ends_runs_whose_training_process_is_gone(synthetic_store, tmp_path, monkeypatch):
+    """A run left RUNNING by a killed process (its lease names a dead pid) is marked KILLED when the
+    next run of the experiment starts; a RUNNING run without a lease here, or with a live holder,
+    is left alone."""
+    from mlflow import MlflowClient
+
+    from storage.lease import Lease
+    from xmask3d.engine import train as train_mod
+    from xmask3d.engine.tracking import RunTracker
+
+    monkeypatch.setattr(train_mod, "fit", _no_fit)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    root = tmp_path / "ckpt"
+    dead, foreign, live = (RunTracker(uri, BENCH).run_id for _ in range(3))
+    (root / dead).mkdir(parents=True)
+    subprocess.run([sys.executable, "-c", "import os, sys; from storage.lease import Lease; "
+                    "Lease(sys.argv[1], 'train').acquire(); os._exit(0)",  # exits holding it
+                    str(root / dead / ".train.lock")], check=True, timeout=120)
+    assert (root / dead / ".train.lock").is_file()
+    holder = Lease(root / live / ".train.lock", "train").acquire()
+    try:
+        with pytest.raises(AssertionError, match="training started"):
+            train_mod.train(synthetic_store, BENCH, "tiny", train_preset("tiny", checkpoint_dir=str(root)),
+                            tracking_uri=uri)
+    finally:
+        holder.release()
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(dead).info.status == "KILLED"
+    assert client.get_run(dead).data.tags["ended.reason"].startswith("training process gone")
+    assert not (root / dead / ".train.lock").exists()
+    assert client.get_run(foreign).info.status == "RUNNING"
+    assert client.get_run(live).info.status == "RUNNING"

@@ -689,6 +689,9 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
             run = tracking.RunTracker(uri, benchmark, run_id=run_id, run_name=f"{benchmark}-{preset}",
                                       tags=tags)
             lease = lease or hold_run(checkpoint_root, run.run_id)
+            for gone in end_abandoned_runs(run.client, run.experiment_id, checkpoint_root, run.run_id):
+                (logger or log).warning("MLflow run %s was RUNNING but its training process is gone "
+                                        "(killed): marked KILLED; --resume %s continues it", gone, gone)
             run.log_params({"train": cfg.to_dict(), "model": dataclasses.asdict(model_cfg),
                             "protocol": evaluation_protocol(bench, cfg.eval_max_views, encoder.name),
                             "data": {"store": str(store_path.resolve()), "benchmark": benchmark,
@@ -709,6 +712,35 @@ def train(store_path: Path, benchmark: str, preset: str = "tiny", cfg: TrainConf
         if lease is not None:
             lease.release()
     return result
+
+
+def end_abandoned_runs(client: Any, experiment_id: str, checkpoint_root: Path, current: str) -> list[str]:
+    """Mark KILLED the runs of the experiment left RUNNING by a training process that is gone.
+
+    A process killed with SIGKILL (or a lost machine) cannot end its MLflow run, which then shows
+    RUNNING for ever. Such a run is recognised by its training lease in this checkpoint directory:
+    the lease file is there and names a process that no longer runs. The lease is held while the
+    status changes, so a resume of that run at the same moment fails naming the holder instead of
+    both changing the run. Runs without a lease file here (another machine's, or older) are left
+    alone. Returns the ended run ids.
+    """
+    ended = []
+    for found in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        run_id = found.info.run_id
+        lock = checkpoint_root / run_id / RUN_LEASE_NAME
+        if run_id == current or not lock.is_file():
+            continue
+        lease = Lease(lock, f"end abandoned MLflow run {run_id}")
+        if lease.try_acquire() is not None:  # a live process trains it
+            continue
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, "ended.reason", f"training process gone; found by run {current}")
+                client.set_terminated(run_id, status="KILLED")
+                ended.append(run_id)
+        finally:
+            lease.release()
+    return ended
 
 
 def hold_run(checkpoint_root: Path, run_id: str) -> Lease:
