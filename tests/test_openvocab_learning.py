@@ -11,9 +11,8 @@ The two runs are the experiment's own steps (``xmask3d.engine.openvocab``: ``pre
 ``train_condition`` per condition; ``run_openvocab`` itself is tested in test_openvocab.py), each in
 its own process with its own MLflow database: each run trains on one intra-op thread, so on two
 cores side by side they take the time of one. The processes start (and import the training code)
-while the data is written. Torch is set to one thread before anything runs in them, as in a session
-where an earlier test has trained (the recipe's thread count otherwise applies only from the first
-step, and the numbers depend on it).
+while the data is written. The data are written with one torch thread, so the stored caption
+embeddings (and the numbers that follow from them) do not depend on what ran before in the session.
 """
 
 from __future__ import annotations
@@ -40,6 +39,8 @@ def one_thread_training_process() -> None:
 
 @pytest.mark.slow
 def test_region_captions_beat_no_captions_on_novel_classes(tmp_path):
+    import torch
+
     from preprocessing.text import build_text_encoder
     from xmask3d.engine.openvocab import OpenVocabConfig, caption_name_baseline, prepare_data, train_condition
 
@@ -50,11 +51,16 @@ def test_region_captions_beat_no_captions_on_novel_classes(tmp_path):
                              initializer=one_thread_training_process) as pool:
         for _ in cfg.conditions:  # one process per condition, started now
             pool.submit(int)
-        store = prepare_data(out, cfg, show_progress=False)
-        runs = {condition: pool.submit(train_condition, store, cfg, condition, 0, out / condition,
-                                       f"sqlite:///{tmp_path / condition}.db")
-                for condition in cfg.conditions}
-        names = caption_name_baseline(store, cfg.benchmark, build_text_encoder("minilm"))["miou_novel"]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the same embeddings whatever ran before in this process
+        try:
+            store = prepare_data(out, cfg, show_progress=False)
+            runs = {condition: pool.submit(train_condition, store, cfg, condition, 0, out / condition,
+                                           f"sqlite:///{tmp_path / condition}.db")
+                    for condition in cfg.conditions}
+            names = caption_name_baseline(store, cfg.benchmark, build_text_encoder("minilm"))["miou_novel"]
+        finally:
+            torch.set_num_threads(threads)
         by = {condition: run.result().metrics for condition, run in runs.items()}
     region, none = by["region"]["3d/miou_novel"], by["no-captions"]["3d/miou_novel"]
     assert region >= none + NOVEL_MARGIN, (region, none)
