@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -238,6 +239,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=15, help="base classes")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, as TrainConfig.amp)")
     parser.add_argument("--compile", action="store_true", help="TrainConfig.compile")
+    parser.add_argument("--conv0-large-kernel-fast", action="store_true",
+                        help="Backbone3DConfig.conv0_large_kernel_fast (implicit GEMM for the 5^3 conv0)")
     parser.add_argument("--grad-clip", type=float, default=5.0, help="as the tiny recipe; 0 = off")
     parser.add_argument("--log-every", type=int, default=1, help="steps between loss transfers to the host")
     parser.add_argument("--steps", type=int, default=10)
@@ -255,8 +258,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    dim = text_dim(model_preset(args.preset).text_encoder)
-    model = build_model(args.preset, dim).to(device).train()
+    model_cfg = model_preset(args.preset)
+    if args.conv0_large_kernel_fast:
+        model_cfg = dataclasses.replace(
+            model_cfg, backbone=dataclasses.replace(model_cfg.backbone, conv0_large_kernel_fast=True))
+    dim = text_dim(model_cfg.text_encoder)
+    model = build_model(model_cfg, dim).to(device).train()
     cfg = model.cfg.loss
     epoch = cfg.contra_start_epoch  # regularisation (and MaskCLIP) active
     image_size = (240, 320)
@@ -310,7 +317,9 @@ def main() -> None:
 
     result: dict[str, Any] = {"preset": args.preset, "device": str(device), "views": args.views,
                               "points": args.points, "threads": args.threads, "amp": amp,
-                              "compile": args.compile, "parameter_tensors": result_params}
+                              "compile": args.compile, "parameter_tensors": result_params,
+                              "conv0_large_kernel_fast": args.conv0_large_kernel_fast,
+                              "conv0_algo": str(model.backbone3d.unet.conv0.algo)}
     if args.compile:
         step()  # the first call compiles (forward and backward graphs)
         synchronize(device)
@@ -332,7 +341,7 @@ def main() -> None:
     print(
         f"preset {args.preset} on {device}{' (bf16 autocast)' if amp else ''}: {args.views} views, "
         f"{n_points} points, {n_voxels} voxels, {args.classes} base classes, {args.threads} threads, "
-        f"median of {args.steps} steps"
+        f"median of {args.steps} steps; conv0 {result['conv0_algo']}"
     )
     if args.compile:
         print(f"torch.compile warm-up (first step incl. compilation): {result['compile_warmup_s']:.1f} s "

@@ -126,3 +126,15 @@ def test_backward_reaches_every_parameter_on_cpu():
     for name, p in list(model.named_parameters()) + list(binary.named_parameters()):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_conv0_large_kernel_switch_reaches_spconv():
+    """Where spconv chooses the algorithm, the switch moves the 5³ conv0 (125 offsets, above the
+    implicit-GEMM limit of 32) to the implicit GEMM; the other convs and the weights' layout stay."""
+    plain = SparseUNet(3, (8,) * 8, (1,) * 8, 8, 8, algo=None)
+    fast = SparseUNet(3, (8,) * 8, (1,) * 8, 8, 8, algo=None, conv0_large_kernel_fast=True)
+    assert plain.conv0.algo == spconv.ConvAlgo.Native
+    assert fast.conv0.algo == spconv.ConvAlgo.MaskImplicitGemm
+    assert fast.enc[0][0].conv1.algo == plain.enc[0][0].conv1.algo
+    assert fast.conv0.weight.shape == plain.conv0.weight.shape
+    assert fast.state_dict().keys() == plain.state_dict().keys()

@@ -43,6 +43,11 @@ class Backbone3DConfig:
     bn_momentum: float = 0.1
     # "auto": Native without CUDA, spconv's default (implicit GEMM) with CUDA.
     algo: str = "auto"
+    # conv0 (5³ = 125 offsets) with spconv's large-kernel implicit GEMM (``large_kernel_fast_algo``:
+    # kernel volume <= 128 instead of <= 32, compiled through NVRTC at first use) where spconv picks
+    # the algorithm (CUDA); off: Native gather-GEMM-scatter, as before. Weights are the same layout
+    # either way. Speed unmeasured (docs/benchmarks.md); CPU always runs Native.
+    conv0_large_kernel_fast: bool = False
 
     def __post_init__(self) -> None:
         for name in ("planes", "blocks", "binary_planes", "binary_blocks"):
@@ -107,10 +112,12 @@ class SparseUNet(nn.Module):
         conv0_kernel: int = 5,
         momentum: float = 0.1,
         algo: spconv.ConvAlgo | None = None,
+        conv0_large_kernel_fast: bool = False,
     ):
         super().__init__()
         self.conv0 = spconv.SubMConv3d(
-            in_channels, init_dim, conv0_kernel, bias=False, indice_key="conv0", algo=algo
+            in_channels, init_dim, conv0_kernel, bias=False, indice_key="conv0", algo=algo,
+            large_kernel_fast_algo=conv0_large_kernel_fast,
         )
         self.bn0 = _bn(init_dim, momentum)
         self.down = nn.ModuleList()
@@ -226,6 +233,7 @@ class Backbone3D(nn.Module):
             cfg.conv0_kernel,
             cfg.bn_momentum,
             algo,
+            cfg.conv0_large_kernel_fast,
         )
         self.head = nn.Linear(cfg.out_channels, text_dim)  # PC_Processor: final -> text dim
         self.implicit = nn.Linear(self.unet.bottleneck_channels, text_dim)  # bottleneck -> text dim
@@ -265,6 +273,7 @@ class BinaryHead(nn.Module):
             cfg.conv0_kernel,
             cfg.bn_momentum,
             algo,
+            cfg.conv0_large_kernel_fast,
         )
         self.head = nn.Sequential(
             _bn(cfg.out_channels, cfg.bn_momentum), nn.ReLU(), nn.Linear(cfg.out_channels, 1)
