@@ -1,4 +1,4 @@
-"""Model step time and step hygiene: one training step (``xmask3d.train.train_step``: batch to the
+"""Model step time and step hygiene: one training step (``xmask3d.engine.step.train_step``: batch to the
 device, forward + losses + backward + AdamW) on a synthetic batch.
 
 Timing mode (default) prints the median step time; the baseline in the same run is the 3D branch
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.model.synthetic_batch import make_batch  # noqa: E402
-from xmask3d.engine.train import build_optimizer, host_values, train_step  # noqa: E402
+from xmask3d.engine.step import build_optimizer, host_values, train_step  # noqa: E402
 from xmask3d.network.config import preset as model_preset  # noqa: E402
 from xmask3d.network.config import text_dim  # noqa: E402
 from xmask3d.network.losses import compute_losses  # noqa: E402

@@ -4,7 +4,10 @@
 # same process, the per-phase profile and operator/sync counts, the frozen-weight copies, and the
 # same step with conv0 on the large-kernel implicit GEMM.
 # Results (text and JSON) go to $OUT (default benchmarks/out). Install first as
-# ../shared/device/README.md says; run from the repository root.
+# ../shared/device/README.md says; run from the repository root. The scripts import the step, the
+# model and the synthetic batch only (no MLflow, Zarr, Prefect or Dask: tests/test_layers.py checks
+# it), so beside the machine's image they need spconv-cu126 + cumm-cu126, diffusers, open_clip_torch
+# and ftfy.
 set -euo pipefail
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"

@@ -1,19 +1,7 @@
-"""The Zarr v3 store: schema (``storage.schema``), reading/writing (``storage.store``) and the
-training dataset (``storage.dataset``, imported explicitly since it needs torch)."""
+"""The Zarr v3 store: schema (``storage.schema``), reading/writing (``storage.store``), the training
+dataset (``storage.dataset``), benchmarks (``storage.benchmarks``), leases and object paths.
 
-from storage.errors import InputError
-from storage.schema import ARRAYS, SCHEMA_VERSION
-from storage.store import (
-           Scene,
-           SceneWriter,
-           Store,
-           StoreWriteError,
-           create_store,
-           open_store,
-           recover_store,
-           store_lock,
-)
-
-__all__ = ["ARRAYS", "SCHEMA_VERSION", "InputError", "Scene", "SceneWriter", "Store", "StoreWriteError",
-           "create_store", "open_store", "recover_store",
-           "store_lock"]
+Nothing is imported here, so ``storage.errors`` and ``storage.benchmarks`` (which the network
+uses) load without Zarr: the step benchmark runs on a GPU machine without the storage stack.
+Import what you need from its module (``from storage.store import open_store``).
+"""

@@ -10,6 +10,8 @@ third-party library must say why on its line (heavy or optional dependency).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,16 @@ def test_layer_of_known_modules(module):
     expected = {"storage.store": 0, "preprocessing.pipeline": 1, "xmask3d.network.model": 2,
                 "xmask3d.engine.train": 3, "flows.preprocess": 4}
     assert layer_of(module) == expected[module]
+
+
+def test_the_training_step_imports_no_tracking_or_storage_stack():
+    """The step benchmark's imports (the step, the model, the synthetic batch) load without MLflow,
+    Zarr, Prefect or Dask, which a lent GPU machine does not have installed."""
+    probe = ("import sys; import xmask3d.engine.step, xmask3d.network.model, xmask3d.network.losses, "
+             "tests.model.synthetic_batch; print(' '.join(sorted({n.split('.')[0] for n in sys.modules})))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = set(done.stdout.split())
+    assert "torch" in loaded and "spconv" in loaded
+    assert not loaded & {"mlflow", "zarr", "numcodecs", "prefect", "dask", "distributed", "obstore"}, loaded
